@@ -1,0 +1,56 @@
+"""The ``dynrobust`` command line: a click group; each subcommand lives in its own module.
+
+Exit codes are decided here, in one place: 0 success, 1 a user error (one line on stderr, no
+traceback), 2 a usage error (click's), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from robustbench_dyn import __version__
+from robustbench_dyn.errors import DynrobustError
+
+EXIT_USER_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="dynrobust")
+def app():
+    """dynrobust: is this convolution robust?
+
+    Corrupt images the ImageNet-C way, evaluate models on ImageNet-C, and compare robustness.
+    """
+
+
+def _register_commands():
+    # imported here so that `dynrobust --help` stays fast and each command module stays independent
+    from robustbench_dyn.cli import corrupt, demo
+
+    app.add_command(corrupt.corrupt_command)
+    app.add_command(demo.demo_command)
+
+
+_register_commands()
+
+
+def main(argv=None):
+    """Console-script entry point: run the app and turn user errors into one line and exit 1."""
+    try:
+        code = app.main(args=argv, prog_name="dynrobust", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except DynrobustError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    sys.exit(code if isinstance(code, int) else 0)

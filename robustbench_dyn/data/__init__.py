@@ -1,0 +1,1 @@
+"""Image decoding and dataset layouts (class folders, ImageNet-C trees)."""

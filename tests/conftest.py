@@ -1,0 +1,24 @@
+import numpy as np
+import pytest
+
+from robustbench_dyn.data.images import resize_center_crop
+from robustbench_dyn.sample import sample_images
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """The bundled photos, Resize(256) + CenterCrop(224), as ImageNet-C sees them: name -> uint8."""
+    return {image.name: resize_center_crop(image.load()) for image in sample_images()}
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """imagecorruptions 1.1.2 with the test-only compatibility shims."""
+    from imagecorruptions_shim import load_reference
+
+    return load_reference()
+
+
+@pytest.fixture()
+def rng():
+    return np.random.default_rng(12345)

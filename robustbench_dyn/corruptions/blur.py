@@ -55,8 +55,11 @@ def _glass_shuffle(image: np.ndarray, max_shift: int, passes: int, rng: np.rando
     step = np.arange(count)
     rank = np.full(height * width, count, dtype=np.intp)  # visiting step of each position; count = never
     rank[visited] = step
-    flat = image.reshape(height * width, -1)
+    # the visited pixels form the block [m+1, H-m] x [m+1, W-m], visited in reverse raster order
+    block = (slice(max_shift + 1, height - max_shift + 1), slice(max_shift + 1, width - max_shift + 1))
+    out = image.copy()
     for _ in range(passes):
+        flat = out.reshape(height * width, -1)
         shifts = rng.integers(-max_shift, max_shift, size=(count, 2))  # (dx, dy), as the reference draws
         source = visited + shifts[:, 1] * width + shifts[:, 0]
         source_rank = rank[source]
@@ -66,9 +69,9 @@ def _glass_shuffle(image: np.ndarray, max_shift: int, passes: int, rng: np.rando
             if np.array_equal(grand, parent):
                 break
             parent = grand
-        flat = flat.copy()
-        flat[visited] = np.take(flat, np.take(source, parent), axis=0)
-    return flat.reshape(image.shape)
+        values = np.take(flat, np.take(source, parent), axis=0)  # a new array: safe to write back
+        out[block] = values.reshape(rows.size, cols.size, -1)[::-1, ::-1]
+    return out
 
 
 def glass_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
@@ -90,9 +93,9 @@ def zoom_blur(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.
     """Average of the image and its centre zoomed by each factor of the severity."""
     x = image.astype(np.float32)
     out = np.zeros_like(x)
-    scratch = filters.zoom_scratch(x)
+    scratch = filters.zoom_scratch(image)
     for zoom in ZOOM[severity - 1]:
-        out += filters.clipped_zoom(x, zoom, scratch=scratch)
+        out += filters.clipped_zoom(image, zoom, scratch=scratch)
     out += x
     out /= np.float32(len(ZOOM[severity - 1]) + 1)
     return out

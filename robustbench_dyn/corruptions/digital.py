@@ -23,7 +23,12 @@ SATURATE = ((0.3, 0), (0.1, 0), (2, 0), (5, 0.1), (20, 0.2))  # HSV saturation *
 def contrast(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     """Shrink each channel's deviation from its mean by c."""
     x = image.astype(np.float32)
-    means = image.mean(axis=(0, 1), dtype=np.float64).astype(np.float32)
+    # exact channel sums from 256-bin histograms (a float reduction over (H, W) is 3x slower)
+    levels = np.arange(256)
+    means = np.array([np.bincount(image[..., c].ravel(), minlength=256) @ levels for c in range(3)]) / (
+        image.shape[0] * image.shape[1]
+    )
+    means = means.astype(np.float32)
     x -= means
     x *= np.float32(CONTRAST[severity - 1])
     x += means

@@ -50,16 +50,22 @@ def shot_noise(image: np.ndarray, severity: int, rng: np.random.Generator) -> np
     """Poisson(x * c) / c per value, with x in [0, 1]; returned as uint8."""
     cdf, guide, values = _poisson_tables(SHOT[severity - 1])
     cdf_flat, guide_flat = cdf.ravel(), guide.ravel()
-    width = cdf.shape[1]
-    levels = image.reshape(-1).astype(np.intp)
+    levels = image.reshape(-1)
     u = rng.random(levels.size)
-    k = np.take(guide_flat, levels * _GUIDE_BINS + (u * _GUIDE_BINS).astype(np.intp))
+    # index of (level, guide bin) = level * bins + floor(u * bins), built in one buffer (fewer
+    # fresh arrays: at this size each costs more in page faults than in arithmetic)
+    index = levels.astype(np.intp)
+    index *= _GUIDE_BINS
+    np.add(index, u * _GUIDE_BINS, out=index, casting="unsafe")  # truncation = floor, u >= 0
+    k = np.take(guide_flat, index)
     # smallest k with u < CDF(k): walk up from the guide's start (one or two steps at most, typically)
-    row = levels * width
-    todo = np.flatnonzero(np.take(cdf_flat, row + k) <= u)
+    np.multiply(levels, cdf.shape[1], out=index, dtype=np.intp)
+    index += k
+    todo = np.flatnonzero(np.take(cdf_flat, index) <= u)
     while todo.size:
         k[todo] += 1
-        todo = todo[np.take(cdf_flat, row[todo] + k[todo]) <= u[todo]]
+        index[todo] += 1
+        todo = todo[np.take(cdf_flat, index[todo]) <= u[todo]]
     return np.take(values, k).reshape(image.shape)
 
 

@@ -223,21 +223,19 @@ def _canny(image: np.ndarray, low: float, high: float) -> np.ndarray:
     def mag_at(dy, dx):
         return m[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
 
-    # OpenCV's sector test in fixed point: tan(22.5 deg) * 2^15 = 13573
-    ax, ay = np.abs(gx).astype(np.int64), np.abs(gy).astype(np.int64)
+    # OpenCV's sector test in fixed point: tan(22.5 deg) * 2^15 = 13573 (all products fit in int32)
+    ax, ay = np.abs(gx), np.abs(gy)
     tg22 = ax * 13573
-    tg67 = tg22 + (ax << 16)
     y = ay << 15
     horizontal = y < tg22
-    vertical = y > tg67
-    diagonal = ~horizontal & ~vertical
-    s = np.where((gx ^ gy) < 0, -1, 1)
-    keep = np.zeros((h, w), dtype=bool)
-    keep |= horizontal & (mag > mag_at(0, -1)) & (mag >= mag_at(0, 1))
+    vertical = y > tg22 + (ax << 16)
+    diagonal = ~(horizontal | vertical)
+    keep = horizontal & (mag > mag_at(0, -1)) & (mag >= mag_at(0, 1))
     keep |= vertical & (mag > mag_at(-1, 0)) & (mag >= mag_at(1, 0))
-    diag_pos = (mag > mag_at(-1, -1)) & (mag > mag_at(1, 1))  # s = 1
-    diag_neg = (mag > mag_at(-1, 1)) & (mag > mag_at(1, -1))  # s = -1
-    keep |= diagonal & np.where(s > 0, diag_pos, diag_neg)
+    opposite_signs = (gx ^ gy) < 0
+    diag_pos = (mag > mag_at(-1, -1)) & (mag > mag_at(1, 1))  # gradient signs agree
+    diag_neg = (mag > mag_at(-1, 1)) & (mag > mag_at(1, -1))  # gradient signs differ
+    keep |= diagonal & np.where(opposite_signs, diag_neg, diag_pos)
     candidate = keep & (mag > low)
     strong = candidate & (mag > high)
     labels, count = ndi.label(candidate, structure=np.ones((3, 3), dtype=bool))

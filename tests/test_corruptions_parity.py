@@ -157,3 +157,20 @@ def test_random_corruptions_match_reference_in_distribution(name, photos, refere
         psnr_gap = np.mean(our_psnr) / np.mean(ref_psnr) - 1
         assert abs(mad_gap) < 0.02, f"{name} s{severity}: mean |x' - x| off by {mad_gap:+.2%}"
         assert abs(psnr_gap) < 0.02, f"{name} s{severity}: PSNR off by {psnr_gap:+.2%}"
+
+
+def test_canny_matches_opencv(reference):
+    """Spatter's edge map is OpenCV's Canny (L1 gradient, 3x3 Sobel), reimplemented without cv2."""
+    import cv2
+
+    from robustbench_dyn.corruptions import filters, weather
+
+    rng = np.random.default_rng(5)
+    for sigma, threshold in ((4, 0.69), (3, 0.68), (2, 0.68)):
+        for _ in range(4):
+            liquid = filters.gaussian_filter(rng.normal(0.65, 0.3, (224, 224)), sigma)
+            liquid[liquid < threshold] = 0
+            layer = (liquid * 255).astype(np.uint8)
+            expected = cv2.Canny(layer, 50, 150) > 0
+            assert expected.any()
+            assert np.array_equal(weather._canny(layer, 50, 150), expected)

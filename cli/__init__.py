@@ -32,6 +32,12 @@ def _register_commands():
 
     app.add_command(corrupt.corrupt_command)
     app.add_command(demo.demo_command)
+    from robustbench_dyn.cli import metrics
+    app.add_command(metrics.metrics_command)
+
+    from robustbench_dyn.cli import eval as eval_module
+
+    app.add_command(eval_module.eval_command)
 
 
 _register_commands()

@@ -72,15 +72,18 @@ def write_contact_sheet(path, clean, corrupted, title) -> Path:
     default=None,
     help="Worker processes [default: number of CPUs, at most 8]. 0 or 1: no pool.",
 )
+@click.option("--model", "model_name", default="resnet50", show_default=True, help="Model to evaluate.")
+@click.option("--weights", type=click.Path(path_type=Path), help="Its checkpoint; without one the weights are random.")
 # for the tests: a smaller demo that exercises the same code
 @click.option("--corruptions", default="all", hidden=True)
-def demo_command(out, workers, corruptions):
-    """Corrupt the bundled sample photos with all 19 corruptions at 5 severities, and draw them.
+def demo_command(out, workers, model_name, weights, corruptions):
+    """Build a small ImageNet-C from the bundled photos and evaluate a model on it, end to end.
 
     Writes OUT/clean (4 photos in ImageNet class folders), OUT/imagenet-c (the same photos the
-    ImageNet-C way: resize 256, crop 224, corrupt, JPEG quality 85) and OUT/corruptions.png, a
-    contact sheet of one photo under every corruption and severity. Runs offline in seconds
-    (well under a minute on two cores); run again to reuse what is already there.
+    ImageNet-C way: resize 256, crop 224, corrupt, JPEG quality 85, 19 corruptions x 5 severities),
+    OUT/corruptions.png (a contact sheet of one photo under every corruption and severity), and
+    OUT/runs/results.sqlite (the model's per-image predictions on the clean and corrupted photos).
+    Runs offline in about a minute on two cores; run again to reuse what is already there.
     """
     from robustbench_dyn.cli.corrupt import describe_build
     from robustbench_dyn.corruptions import SEVERITIES
@@ -128,4 +131,18 @@ def demo_command(out, workers, corruptions):
     click.echo(f"clean photos:  {clean_dir}")
     click.echo("\n".join(describe_build(summary)))
     click.echo(f"contact sheet: {sheet} (rows: corruptions; columns: clean, severities 1-5)")
+
+    from robustbench_dyn.cli.eval import render_table, summary_metrics
+    from robustbench_dyn.evaluate import evaluate
+
+    click.echo("")
+    if weights is None:
+        click.secho(f"evaluating {model_name} with RANDOM weights (no --weights): the pipeline runs end to end, "
+                    "but the errors below mean nothing", fg="red", bold=True, err=True)
+    summary = evaluate(model_name, weights=weights, imagenet_c=summary.out, imagenet_val=clean_dir,
+                       corruptions=corruptions, out=out / "runs", batch_size=16, channels_last=True, progress=True)
+    click.echo(render_table(summary, summary_metrics(summary)))
+    click.echo(f"per-image records: {summary.store} ({summary.images_evaluated} evaluated now, "
+               f"{summary.images_already_done} already there); "
+               f"`dynrobust eval ... --format csv` gives the per-cell errors that `dynrobust metrics` reads")
     click.echo(f"done in {format_duration(time.perf_counter() - started)}")

@@ -65,11 +65,15 @@ def load_rgb(path) -> np.ndarray:
         raise BadImageError(path, f"broken image ({exc})") from None
 
 
-def resize_center_crop(image: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
-    """Resize the shorter side to ``resize`` (bilinear, PIL) and take the centred ``crop`` square.
+_INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
-    Matches torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on PIL images, the preprocessing
-    ImageNet-C was made with (hendrycks/robustness ``make_imagenet_c.py``). Returns uint8 (crop, crop, 3).
+
+def resize_center_crop(image: np.ndarray, resize: int = 256, crop: int = 224, interpolation: str = "bilinear") -> np.ndarray:
+    """Resize the shorter side to ``resize`` (PIL, ``interpolation``) and take the centred ``crop`` square.
+
+    Matches torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on PIL images; with the default
+    bilinear interpolation it is the preprocessing ImageNet-C was made with (hendrycks/robustness
+    ``make_imagenet_c.py``). Returns uint8 (crop, crop, 3).
     """
     height, width = image.shape[:2]
     if width <= height:
@@ -78,7 +82,7 @@ def resize_center_crop(image: np.ndarray, resize: int = 256, crop: int = 224) ->
         new_h, new_w = resize, int(resize * width / height)
     pil = Image.fromarray(image)
     if (new_w, new_h) != (width, height):
-        pil = pil.resize((new_w, new_h), Image.BILINEAR)
+        pil = pil.resize((new_w, new_h), _INTERPOLATIONS[interpolation])
     top = int(round((new_h - crop) / 2.0))
     left = int(round((new_w - crop) / 2.0))
     if top < 0 or left < 0:

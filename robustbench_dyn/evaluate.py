@@ -1,0 +1,300 @@
+"""The evaluation runner: images -> (corruption) -> preprocessing -> model -> per-image records.
+
+Work is split into chunks of ``batch_size`` images of one (corruption, severity) cell, always cut at
+the same places (the cell's images sorted by id), so a rerun after a crash or ``kill -9`` evaluates
+exactly the batches that were lost and the results equal those of an uninterrupted run. Each chunk
+is committed to the SQLite store in one transaction.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from robustbench_dyn.corruptions import CORRUPTION_NAMES, canonical_seed, corrupt, parse_severities, resolve_corruptions
+from robustbench_dyn.data.images import load_rgb, resize_center_crop
+from robustbench_dyn.data.imagenet import labelled_images, locate_imagenet_c
+from robustbench_dyn.errors import BadImageError, DynrobustError
+from robustbench_dyn.progress import progress_bar
+from robustbench_dyn.store import CLEAN, ResultsStore, RunIdentity
+
+# ImageNet-C's recipe (make_imagenet_c.py): Resize(256), CenterCrop(224), corrupt, JPEG quality 85
+IMAGENET_C_RESIZE, IMAGENET_C_CROP, IMAGENET_C_JPEG_QUALITY = 256, 224, 85
+RANDOM_INIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (corruption, severity) of an evaluation, its images and where its pixels come from.
+
+    ``source`` is ``"imagenet-c"`` (files of an ImageNet-C tree, used as stored), ``"clean"``
+    (clean images, preprocessed with the model's resize and crop) or ``"on-the-fly"`` (clean
+    images made into ImageNet-C by the engine).
+    """
+
+    corruption: str
+    severity: int
+    images: tuple
+    source: str
+    origin: str
+
+
+@dataclass
+class EvalSummary:
+    """What :func:`evaluate` did and found. Errors are fractions."""
+
+    run_id: int
+    store: Path
+    model: str
+    weights: str | None
+    cells: list
+    errors: object = None  # DataFrame: corruption, severity, images, top1_err, top5_err
+    images_evaluated: int = 0
+    images_already_done: int = 0
+    bad_images: object = None  # DataFrame of this run's bad images
+    elapsed_s: float = 0.0
+    device: str = "cpu"
+    notes: list = field(default_factory=list)
+
+
+class _ImageStream(torch.utils.data.Dataset):
+    """Decodes, corrupts (on the fly) and crops one image per item; returns uint8 HWC or a reason."""
+
+    def __init__(self, items, config, jpeg_round_trip: bool):
+        self.items = items  # list of (Cell, LabelledImage)
+        self.config = config
+        self.jpeg_round_trip = jpeg_round_trip
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        cell, image = self.items[index]
+        try:
+            pixels = load_rgb(image.path)
+        except BadImageError as exc:
+            return index, None, exc.reason
+        crop = self.config.crop
+        if cell.source == "clean":
+            pixels = resize_center_crop(pixels, self.config.resize, crop, self.config.interpolation)
+        elif cell.source == "on-the-fly":
+            pixels = resize_center_crop(pixels, IMAGENET_C_RESIZE, IMAGENET_C_CROP)
+            seed = canonical_seed(image.image_id, cell.corruption, cell.severity)
+            pixels = corrupt(pixels, cell.corruption, cell.severity, seed=seed)
+            if self.jpeg_round_trip:
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="JPEG", quality=IMAGENET_C_JPEG_QUALITY, optimize=True)
+                buffer.seek(0)
+                pixels = np.asarray(Image.open(buffer).convert("RGB"))
+        if pixels.shape[:2] != (crop, crop):
+            # ImageNet-C files are 224x224 and are used as stored; other sizes are cropped like clean images
+            pixels = resize_center_crop(pixels, self.config.resize, crop, self.config.interpolation)
+        return index, np.ascontiguousarray(pixels), None
+
+
+def _collate(batch):
+    good = [(i, pixels) for i, pixels, _ in batch if pixels is not None]
+    bad = [(i, reason) for i, pixels, reason in batch if pixels is None]
+    stacked = torch.from_numpy(np.stack([p for _, p in good])) if good else None
+    return [i for i, _ in good], stacked, bad
+
+
+def _only_cells(frame, wanted):
+    """The rows of ``wanted`` cells, clean first, then corruptions in ImageNet-C order, by severity."""
+    mask = np.array([(c, s) in wanted for c, s in zip(frame.corruption, frame.severity)], dtype=bool)
+    order = {name: i for i, name in enumerate((CLEAN,) + CORRUPTION_NAMES)}
+    frame = frame.loc[mask]
+    rank = np.array([order[c] for c in frame.corruption], dtype=int)
+    return frame.iloc[np.lexsort((frame.severity.to_numpy(), rank))].reset_index(drop=True)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # the main process owns the cores for the model
+
+
+def _check_options(batch_size, limit, workers, device):
+    if batch_size < 1:
+        raise DynrobustError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise DynrobustError(f"--limit must be at least 1, got {limit}")
+    if workers is not None and workers < 0:
+        raise DynrobustError(f"--workers must be 0 or more, got {workers}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise DynrobustError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DynrobustError("--device cuda asked for, but torch sees no CUDA GPU on this machine")
+
+
+def plan_cells(imagenet_c, imagenet_val, on_the_fly, corruptions, severities, limit) -> list:
+    """The cells to evaluate: clean first (when a clean set is given), then corruptions x severities."""
+    if imagenet_c is None and imagenet_val is None:
+        raise DynrobustError("give --imagenet-c DIR, --imagenet-val DIR, or both")
+    if on_the_fly and imagenet_val is None:
+        raise DynrobustError("--on-the-fly corrupts the clean set: give it with --imagenet-val DIR")
+    if on_the_fly and imagenet_c is not None:
+        raise DynrobustError("--on-the-fly replaces --imagenet-c: give one of them")
+    corruptions = resolve_corruptions(corruptions)
+    severities = parse_severities(severities)
+    cells = []
+    clean = None
+    if imagenet_val is not None:
+        clean = tuple(labelled_images(imagenet_val, limit))
+        cells.append(Cell(CLEAN, 0, clean, "clean", str(Path(imagenet_val).resolve())))
+    if on_the_fly:
+        origin = f"on-the-fly from {Path(imagenet_val).resolve()}"
+        cells += [Cell(c, s, clean, "on-the-fly", origin) for c in corruptions for s in severities]
+    elif imagenet_c is not None:
+        located = locate_imagenet_c(imagenet_c, corruptions, severities)
+        root = str(Path(imagenet_c).resolve())
+        for (c, s), folder in located.items():
+            cells.append(Cell(c, s, tuple(labelled_images(folder, limit)), "imagenet-c", root))
+    return cells
+
+
+def evaluate(
+    model_name: str,
+    *,
+    weights=None,
+    imagenet_c=None,
+    imagenet_val=None,
+    on_the_fly: bool = False,
+    jpeg_round_trip: bool = True,
+    corruptions=None,
+    severities=None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "cpu",
+    amp: bool = False,
+    channels_last: bool = False,
+    out="runs",
+    strict: bool = False,
+    progress: bool = True,
+) -> EvalSummary:
+    """Evaluate ``model_name`` on ImageNet-C cells and/or clean images; return an :class:`EvalSummary`.
+
+    Results go to ``<out>/results.sqlite``; calling again with the same arguments resumes (only
+    missing chunks are evaluated). Without ``weights`` the model is randomly initialised (seed 0),
+    and the summary says so. ``workers=None`` means 0 on CPU (decoding in the main process costs a
+    few % of a CPU forward) and min(8, CPUs) on CUDA. Raises DynrobustError for bad options, paths,
+    layouts and checkpoints; a bad image is recorded and skipped, or with ``strict`` ends the run
+    after the chunks already evaluated are committed.
+    """
+    from robustbench_dyn.models import create_model, model_config
+    from robustbench_dyn.models.checkpoint import weights_sha256
+
+    started = time.perf_counter()
+    _check_options(batch_size, limit, workers, device)
+    config = model_config(model_name).preprocessing
+    cells = plan_cells(imagenet_c, imagenet_val, on_the_fly, corruptions, severities, limit)
+    if workers is None:
+        workers = 0 if device == "cpu" else min(8, os.cpu_count() or 1)
+
+    notes = []
+    if weights is None:
+        sha = f"random-init-seed{RANDOM_INIT_SEED}"
+        notes.append(
+            f"NO WEIGHTS GIVEN: {model_name} is randomly initialised (seed {RANDOM_INIT_SEED}); its "
+            "errors say nothing about the architecture. Pass --weights FILE for real numbers."
+        )
+    else:
+        sha = weights_sha256(weights)
+    preprocessing = {
+        "clean": {"resize": config.resize, "crop": config.crop, "interpolation": config.interpolation},
+        "corrupted": "ImageNet-C 224x224 as stored" if not on_the_fly else {
+            "recipe": "resize 256, crop 224, dynrobust corruption engine v1, canonical seeds",
+            "jpeg_quality": IMAGENET_C_JPEG_QUALITY if jpeg_round_trip else None,
+        },
+        "mean": list(config.mean),
+        "std": list(config.std),
+    }
+    # the data is not part of the run's identity (adding the clean set later extends the same
+    # run); each cell's origin is recorded and checked by the store instead
+    identity = RunIdentity(model=model_name, weights_sha256=sha, preprocessing=preprocessing)
+
+    torch.manual_seed(RANDOM_INIT_SEED)
+    model = create_model(model_name, weights=weights)
+    model.eval().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(config.std, device=device).view(1, 3, 1, 1) * 255
+
+    with ResultsStore(out) as store:
+        run_id = store.open_run(
+            identity,
+            None if weights is None else str(weights),
+            {
+                "ops_backend": "none (static convolutions)",
+                "torch_version": torch.__version__,
+                "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+                "options": {"batch_size": batch_size, "amp": amp, "channels_last": channels_last, "limit": limit},
+            },
+        )
+        store.claim_cells(run_id, [(c.corruption, c.severity, c.source, c.origin) for c in cells])
+        done = store.done_images(run_id)
+        items, units = [], []  # units: (cell, chunk index, [item indices])
+        already = 0
+        for cell in cells:
+            for chunk, start in enumerate(range(0, len(cell.images), batch_size)):
+                todo = [im for im in cell.images[start : start + batch_size]
+                        if (cell.corruption, cell.severity, im.image_id) not in done]
+                already += min(batch_size, len(cell.images) - start) - len(todo)
+                if todo:
+                    units.append((cell, chunk, list(range(len(items), len(items) + len(todo)))))
+                    items += [(cell, im) for im in todo]
+
+        summary = EvalSummary(run_id, store.path, model_name, None if weights is None else str(weights),
+                              cells, images_already_done=already, device=device, notes=notes)
+        loader = torch.utils.data.DataLoader(
+            _ImageStream(items, config, jpeg_round_trip),
+            batch_sampler=[unit[2] for unit in units],
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=device.startswith("cuda"),
+            worker_init_fn=_worker_init if workers else None,
+        )
+        autocast = torch.autocast(
+            device_type="cuda" if device.startswith("cuda") else "cpu",
+            dtype=torch.float16 if device.startswith("cuda") else torch.bfloat16,
+            enabled=amp,
+        )
+        bar = progress_bar(total=len(items), desc=model_name, unit="img", enabled=progress)
+        try:
+            for (cell, chunk, _), (indices, pixels, bad) in zip(units, loader):
+                records = []
+                if pixels is not None:
+                    x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+                    x = (x - mean) / std
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.inference_mode(), autocast:
+                        logits = model(x)
+                    top5 = logits.float().topk(5, dim=1).indices.cpu().tolist()
+                    for i, predicted in zip(indices, top5):
+                        image = items[i][1]
+                        records.append((image.image_id, image.label, predicted))
+                bad_rows = [(items[i][1].image_id, str(items[i][1].path), reason) for i, reason in bad]
+                store.commit_chunk(run_id, cell.corruption, cell.severity, chunk, records, bad_rows)
+                summary.images_evaluated += len(records)
+                bar.update(len(records) + len(bad_rows))
+                if bad_rows and strict:
+                    raise DynrobustError(
+                        f"bad image {bad_rows[0][1]}: {bad_rows[0][2]} (--strict); the "
+                        f"{summary.images_evaluated} images evaluated so far are saved in {store.path}"
+                    )
+        finally:
+            bar.close()
+        store.mark_finished(run_id)
+        wanted = {(c.corruption, c.severity) for c in cells}
+        summary.errors = _only_cells(store.cell_errors(run_id), wanted)
+        summary.bad_images = _only_cells(store.bad_images(run_id), wanted)
+    summary.elapsed_s = time.perf_counter() - started
+    return summary

@@ -1,0 +1,285 @@
+"""The results store: one SQLite file per output folder, per-image records, committed in chunks.
+
+Tables:
+
+- ``runs``: one row per (model, weights, preprocessing): the run's identity is a hash of those, so
+  the same command finds its run again and resumes it, and another model, weights file or
+  preprocessing is another run in the same file. Also records the ops backend, torch version,
+  device and times.
+- ``cells``: where each (corruption, severity) of a run comes from (an ImageNet-C folder, a clean
+  folder corrupted on the fly, ...); a run never mixes two origins in one cell.
+- ``chunks``: the work units done: (run, corruption, severity, chunk). A chunk's records and its
+  row here are committed in one transaction, so a killed run loses at most the chunk in flight.
+- ``records``: one row per evaluated image: label, top-5 predictions, correct@1, correct@5.
+- ``bad_images``: images that could not be decoded, with the reason.
+
+The clean images are the cell (corruption ``"clean"``, severity 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from robustbench_dyn.errors import DynrobustError
+
+STORE_NAME = "results.sqlite"
+CLEAN = "clean"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id INTEGER PRIMARY KEY,
+    run_key TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL,
+    weights TEXT,
+    weights_sha256 TEXT NOT NULL,
+    preprocessing TEXT NOT NULL,
+    ops_backend TEXT,
+    torch_version TEXT,
+    device TEXT,
+    options TEXT,
+    started_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL
+);
+CREATE TABLE IF NOT EXISTS cells (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    corruption TEXT NOT NULL,
+    severity INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    PRIMARY KEY (run_id, corruption, severity)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    corruption TEXT NOT NULL,
+    severity INTEGER NOT NULL,
+    chunk INTEGER NOT NULL,
+    images INTEGER NOT NULL,
+    PRIMARY KEY (run_id, corruption, severity, chunk)
+);
+CREATE TABLE IF NOT EXISTS records (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    corruption TEXT NOT NULL,
+    severity INTEGER NOT NULL,
+    image_id TEXT NOT NULL,
+    label INTEGER NOT NULL,
+    top1 INTEGER NOT NULL,
+    top5 TEXT NOT NULL,
+    correct1 INTEGER NOT NULL,
+    correct5 INTEGER NOT NULL,
+    PRIMARY KEY (run_id, corruption, severity, image_id)
+);
+CREATE TABLE IF NOT EXISTS bad_images (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    corruption TEXT NOT NULL,
+    severity INTEGER NOT NULL,
+    image_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (run_id, corruption, severity, image_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What makes two evaluations the same run: model, weights (by content) and preprocessing."""
+
+    model: str
+    weights_sha256: str
+    preprocessing: dict
+
+    @property
+    def key(self) -> str:
+        """A hash of the identity, stable across processes (sorted JSON, SHA-256)."""
+        blob = json.dumps([self.model, self.weights_sha256, self.preprocessing], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ResultsStore:
+    """An open results store (``<folder>/results.sqlite``). Use as a context manager."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise DynrobustError(f"output {self.folder} exists and is not a folder")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DynrobustError(f"cannot create output folder {self.folder}: {exc.strerror or exc}") from None
+        self.path = self.folder / STORE_NAME
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+            found = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if found is None:
+                with self.db:
+                    self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(found[0]) != SCHEMA_VERSION:
+                raise DynrobustError(f"{self.path} was written by another dynrobust version (schema {found[0]})")
+        except sqlite3.DatabaseError as exc:
+            raise DynrobustError(f"{self.path} is not a dynrobust results store ({exc})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.db.close()
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def open_run(self, identity: RunIdentity, weights: str | None, context: dict) -> int:
+        """Return the run id of ``identity``, creating the run if it is new; ``context`` updates
+        the descriptive columns (ops_backend, torch_version, device, options)."""
+        now = time.time()
+        row = self.db.execute("SELECT run_id FROM runs WHERE run_key=?", (identity.key,)).fetchone()
+        with self.db:
+            if row is None:
+                cursor = self.db.execute(
+                    "INSERT INTO runs (run_key, model, weights, weights_sha256, preprocessing,"
+                    " ops_backend, torch_version, device, options, started_at, updated_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        identity.key,
+                        identity.model,
+                        weights,
+                        identity.weights_sha256,
+                        json.dumps(identity.preprocessing, sort_keys=True),
+                        context.get("ops_backend"),
+                        context.get("torch_version"),
+                        context.get("device"),
+                        json.dumps(context.get("options", {}), sort_keys=True),
+                        now,
+                        now,
+                    ),
+                )
+                return int(cursor.lastrowid)
+            self.db.execute(
+                "UPDATE runs SET ops_backend=?, torch_version=?, device=?, options=?, updated_at=? WHERE run_id=?",
+                (
+                    context.get("ops_backend"),
+                    context.get("torch_version"),
+                    context.get("device"),
+                    json.dumps(context.get("options", {}), sort_keys=True),
+                    now,
+                    row[0],
+                ),
+            )
+            return int(row[0])
+
+    def mark_finished(self, run_id: int) -> None:
+        """Record that every requested chunk of the run is done."""
+        with self.db:
+            self.db.execute("UPDATE runs SET finished_at=? WHERE run_id=?", (time.time(), run_id))
+
+    def runs(self) -> pd.DataFrame:
+        """All runs of the store, one row each."""
+        return pd.read_sql_query("SELECT * FROM runs ORDER BY run_id", self.db)
+
+    # -- cells, chunks and records ----------------------------------------------------------
+
+    def claim_cells(self, run_id: int, cells) -> None:
+        """Record the origin of each (corruption, severity, source, origin) cell of the run.
+
+        Raises DynrobustError if the store already holds that cell of that run from another origin
+        (e.g. another ImageNet-C folder): results of different data must not be mixed.
+        """
+        clashes = []
+        with self.db:
+            for corruption, severity, source, origin in cells:
+                row = self.db.execute(
+                    "SELECT source, origin FROM cells WHERE run_id=? AND corruption=? AND severity=?",
+                    (run_id, corruption, severity),
+                ).fetchone()
+                if row is None:
+                    self.db.execute("INSERT INTO cells VALUES (?,?,?,?,?)", (run_id, corruption, severity, source, origin))
+                elif tuple(row) != (source, origin):
+                    clashes.append(f"{corruption}/{severity} from {row[1]}")
+        if clashes:
+            raise DynrobustError(
+                f"{self.path} already holds results of this model for {', '.join(clashes[:3])}"
+                f"{' and more' if len(clashes) > 3 else ''}, not from this data; use another --out"
+            )
+
+    def done_images(self, run_id: int) -> set:
+        """The (corruption, severity, image_id) already evaluated or recorded as bad for ``run_id``."""
+        rows = self.db.execute(
+            "SELECT corruption, severity, image_id FROM records WHERE run_id=?"
+            " UNION SELECT corruption, severity, image_id FROM bad_images WHERE run_id=?",
+            (run_id, run_id),
+        )
+        return {(c, int(s), i) for c, s, i in rows}
+
+    def done_chunks(self, run_id: int) -> set:
+        """The (corruption, severity, chunk) units already committed for ``run_id``."""
+        rows = self.db.execute("SELECT corruption, severity, chunk FROM chunks WHERE run_id=?", (run_id,))
+        return {(c, int(s), int(k)) for c, s, k in rows}
+
+    def commit_chunk(self, run_id, corruption, severity, chunk, records, bad) -> None:
+        """Write one chunk's records and bad images and mark it done, in one transaction.
+
+        ``records``: iterable of (image_id, label, top5 list); ``bad``: (image_id, path, reason).
+        """
+        rows = []
+        for image_id, label, top5 in records:
+            top5 = [int(p) for p in top5]
+            rows.append(
+                (run_id, corruption, severity, image_id, int(label), top5[0], json.dumps(top5),
+                 int(top5[0] == label), int(label in top5))
+            )
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO records VALUES (?,?,?,?,?,?,?,?,?)", rows)
+            self.db.executemany(
+                "INSERT OR REPLACE INTO bad_images VALUES (?,?,?,?,?,?)",
+                [(run_id, corruption, severity, i, p, r) for i, p, r in bad],
+            )
+            self.db.execute(
+                "INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?)",
+                (run_id, corruption, severity, chunk, len(rows) + len(bad)),
+            )
+            self.db.execute("UPDATE runs SET updated_at=? WHERE run_id=?", (time.time(), run_id))
+
+    def records(self, run_id: int | None = None) -> pd.DataFrame:
+        """Per-image records (all runs, or one), with the run's model name."""
+        query = (
+            "SELECT r.run_id, runs.model, r.corruption, r.severity, r.image_id, r.label, r.top1, r.top5,"
+            " r.correct1, r.correct5 FROM records r JOIN runs USING (run_id)"
+        )
+        params = ()
+        if run_id is not None:
+            query += " WHERE r.run_id=?"
+            params = (run_id,)
+        return pd.read_sql_query(query + " ORDER BY r.run_id, r.corruption, r.severity, r.image_id", self.db, params=params)
+
+    def bad_images(self, run_id: int | None = None) -> pd.DataFrame:
+        """Images that could not be decoded, with the reason."""
+        query = "SELECT * FROM bad_images"
+        params = ()
+        if run_id is not None:
+            query += " WHERE run_id=?"
+            params = (run_id,)
+        return pd.read_sql_query(query + " ORDER BY corruption, severity, image_id", self.db, params=params)
+
+    def cell_errors(self, run_id: int) -> pd.DataFrame:
+        """Top-1 and top-5 error (fractions) and image count per (corruption, severity) of a run."""
+        return pd.read_sql_query(
+            "SELECT corruption, severity, COUNT(*) AS images, 1.0 - AVG(correct1) AS top1_err,"
+            " 1.0 - AVG(correct5) AS top5_err FROM records WHERE run_id=?"
+            " GROUP BY corruption, severity ORDER BY corruption, severity",
+            self.db,
+            params=(run_id,),
+        )

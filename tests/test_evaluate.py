@@ -1,0 +1,214 @@
+"""`dynrobust eval` end to end on small ImageNet-C trees made from the bundled photos."""
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from robustbench_dyn.cli import app
+from robustbench_dyn.data.build_imagenet_c import build_imagenet_c
+from robustbench_dyn.data.images import load_rgb, resize_center_crop
+from robustbench_dyn.data.imagenet import imagenet_wnids
+from robustbench_dyn.models import create_model, model_config
+from robustbench_dyn.sample import write_sample_dataset
+from robustbench_dyn.store import ResultsStore
+
+MODEL = "resnet50"
+CORRUPTIONS = "gaussian_noise,fog"
+SEVERITIES = "1,3"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    clean = write_sample_dataset(root / "clean")
+    flat = root / "imagenet-c"
+    build_imagenet_c(clean, flat, CORRUPTIONS, SEVERITIES, workers=0, progress=False)
+    nested = root / "nested"
+    shutil.copytree(flat / "gaussian_noise", nested / "noise" / "gaussian_noise")
+    shutil.copytree(flat / "fog", nested / "weather" / "fog")
+    torch.manual_seed(1)
+    weights = root / "resnet50-test.pth"
+    torch.save(create_model(MODEL).state_dict(), weights)
+    return {"root": root, "clean": clean, "flat": flat, "nested": nested, "weights": weights}
+
+
+def _eval(*args):
+    result = CliRunner().invoke(app, ["eval", "--model", MODEL, "-q", *map(str, args)], catch_exceptions=False)
+    return result
+
+
+def _records(out):
+    with ResultsStore(out) as store:
+        frame = store.records()
+    return frame.sort_values(["corruption", "severity", "image_id"]).reset_index(drop=True)
+
+
+def _independent_top1(model, config, path, clean):
+    pixels = load_rgb(path)
+    if clean:
+        pixels = resize_center_crop(pixels, config.resize, config.crop, config.interpolation)
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()[None] / 255
+    x = (x - torch.tensor(config.mean).view(1, 3, 1, 1)) / torch.tensor(config.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return int(model(x).argmax(1))
+
+
+def test_eval_agrees_with_an_independent_loop(data, tmp_path):
+    result = _eval("--weights", data["weights"], "--imagenet-c", data["flat"], "--imagenet-val", data["clean"],
+                   "-c", CORRUPTIONS, "-s", SEVERITIES, "-b", "3", "--out", tmp_path / "runs", "--format", "json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    records = _records(tmp_path / "runs")
+    assert len(records) == 4 * (1 + 2 * 2)
+    model = create_model(MODEL, weights=data["weights"])
+    config = model_config(MODEL).preprocessing
+    wnids = imagenet_wnids()
+    for row in records.itertuples():
+        wnid, name = row.image_id.split("/")
+        assert row.label == wnids.index(wnid)
+        if row.corruption == "clean":
+            path = data["clean"] / row.image_id
+        else:
+            path = data["flat"] / row.corruption / str(row.severity) / row.image_id
+        assert row.top1 == _independent_top1(model, config, path, row.corruption == "clean"), row
+        assert row.correct1 == int(row.top1 == row.label)
+        assert row.correct5 == int(row.label in json.loads(row.top5))
+    cells = {(c["corruption"], c["severity"]): c for c in report["cells"]}
+    for (corruption, severity), group in records.groupby(["corruption", "severity"]):
+        assert cells[(corruption, severity)]["top1_err"] == pytest.approx(1 - group.correct1.mean())
+        assert cells[(corruption, severity)]["images"] == 4
+
+
+def test_nested_layout_gives_the_same_records(data, tmp_path):
+    for name, tree in (("flat", data["flat"]), ("nested", data["nested"])):
+        result = _eval("--weights", data["weights"], "--imagenet-c", tree, "-c", CORRUPTIONS, "-s", SEVERITIES,
+                       "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+    flat, nested = _records(tmp_path / "flat"), _records(tmp_path / "nested")
+    assert len(flat) == 16
+    assert flat[["corruption", "severity", "image_id", "top5"]].equals(nested[["corruption", "severity", "image_id", "top5"]])
+
+
+def test_on_the_fly_equals_the_tree_written_by_corrupt(data, tmp_path):
+    """Same recipe, same canonical seeds, same JPEG: the predictions must be identical."""
+    result = _eval("--weights", data["weights"], "--imagenet-val", data["clean"], "--on-the-fly",
+                   "-c", CORRUPTIONS, "-s", SEVERITIES, "--out", tmp_path / "fly")
+    assert result.exit_code == 0, result.output
+    result = _eval("--weights", data["weights"], "--imagenet-c", data["flat"], "-c", CORRUPTIONS, "-s", SEVERITIES,
+                   "--out", tmp_path / "disk")
+    assert result.exit_code == 0, result.output
+    fly = _records(tmp_path / "fly")
+    disk = _records(tmp_path / "disk")
+    fly = fly[fly.corruption != "clean"].reset_index(drop=True)
+    # the sample's PNGs are written to the tree as <stem>.jpg: compare by stem
+    for frame in (fly, disk):
+        frame["image_id"] = frame.image_id.str.rsplit(".", n=1).str[0]
+    assert len(fly) == 16
+    assert fly[["corruption", "severity", "image_id", "top5"]].equals(disk[["corruption", "severity", "image_id", "top5"]])
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
+    script = Path(sys.executable).with_name("dynrobust")
+    command = [str(script), "eval", "--model", MODEL, "--weights", str(data["weights"]), "--imagenet-c", str(data["flat"]),
+               "-c", CORRUPTIONS, "-s", SEVERITIES, "-b", "2", "-q"]
+    killed_out = tmp_path / "killed"
+    process = subprocess.Popen(command + ["--out", str(killed_out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    database = killed_out / "results.sqlite"
+    deadline = time.monotonic() + 120
+    done = 0
+    while process.poll() is None and time.monotonic() < deadline:
+        if database.exists():
+            try:
+                with sqlite3.connect(database, timeout=1) as db:
+                    done = db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+            except sqlite3.OperationalError:
+                done = 0
+            if done >= 4:
+                break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 4 <= done < 16, "the run was not caught mid-way"
+    resumed = subprocess.run(command + ["--out", str(killed_out)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "already in the store" in resumed.stdout
+    whole = subprocess.run(command + ["--out", str(tmp_path / "whole")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    a, b = _records(killed_out), _records(tmp_path / "whole")
+    assert len(a) == 16
+    assert a.drop(columns="run_id").equals(b.drop(columns="run_id"))
+
+
+def test_bad_images_are_counted_and_strict_stops_keeping_the_work(data, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(data["flat"], tree)
+    broken = tree / "fog" / "3" / "n07920052" / "zz_broken.JPEG"  # the last class: after every good image
+    broken.write_bytes(b"")
+    (tree / "fog" / "3" / "n07920052" / "zz_text.JPEG").write_text("not an image")
+    result = _eval("--weights", data["weights"], "--imagenet-c", tree, "-c", "fog", "-s", "3", "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    assert "2 bad" in result.stdout and "zz_broken.JPEG" in result.stdout and "empty" in result.stdout
+    assert len(_records(tmp_path / "a")) == 4
+
+    result = CliRunner().invoke(app, ["eval", "--model", MODEL, "--weights", str(data["weights"]), "--imagenet-c", str(tree),
+                                      "-c", "fog", "-s", "3", "-b", "1", "--strict", "-q", "--out", str(tmp_path / "b")])
+    assert result.exit_code != 0
+    assert "--strict" in str(result.exception) and "saved" in str(result.exception)
+    assert len(_records(tmp_path / "b")) == 4  # the four good images sort before the bad ones
+
+
+def test_another_weights_file_is_another_run(data, tmp_path):
+    torch.manual_seed(2)
+    other = tmp_path / "other.pth"
+    torch.save(create_model(MODEL).state_dict(), other)
+    for weights in (data["weights"], other):
+        result = _eval("--weights", weights, "--imagenet-c", data["flat"], "-c", "fog", "-s", "1", "--out", tmp_path / "runs")
+        assert result.exit_code == 0, result.output
+    with ResultsStore(tmp_path / "runs") as store:
+        runs = store.runs()
+    assert len(runs) == 2 and runs.weights_sha256.nunique() == 2
+
+
+def test_no_weights_says_so_loudly(data, tmp_path):
+    result = _eval("--imagenet-c", data["flat"], "-c", "fog", "-s", "1", "--out", tmp_path / "r", "--limit", "1")
+    assert result.exit_code == 0, result.output
+    assert "RANDOM" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--imagenet-c", "/does/not/exist"], "does not exist"),
+        (["-c", "fog", "-s", "2"], "fog/2"),
+        (["-c", "snow"], "snow"),
+        (["--on-the-fly"], "--imagenet-val"),
+        (["--limit", "0"], "--limit"),
+        (["--device", "tpu"], "--device"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_user_errors_are_one_clear_line(data, tmp_path, args, message):
+    base = ["--imagenet-c", str(data["flat"])] if "--imagenet-c" not in args and "--on-the-fly" not in args else []
+    script = Path(sys.executable).with_name("dynrobust")
+    result = subprocess.run([str(script), "eval", "--model", MODEL, *base, *args, "--out", str(tmp_path / "o"), "-q"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_a_folder_that_is_not_imagenet_c(data, tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--model", MODEL, "--imagenet-c", str(data["clean"]), "--out", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "not an ImageNet-C folder" in str(result.exception)

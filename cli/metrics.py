@@ -40,12 +40,14 @@ def _numeric(frame: pd.DataFrame, column: str, path: Path, percent: bool) -> pd.
     return values.astype(float) / top
 
 
-def read_errors_csv(path: Path, percent: bool = False) -> pd.DataFrame:
+def read_errors_csv(path: Path, percent: bool = False, allow_clean: bool = False) -> pd.DataFrame:
     """Read a CSV of per-cell errors into columns corruption, severity, top1_err[, top5_err] (fractions).
 
     Accepts ``top1_err`` or, failing that, ``top1_acc`` (likewise ``top5_err``/``top5_acc``), as
     fractions, or as percentages with ``percent=True``. Lines starting with ``#`` are comments;
-    other columns are ignored. Any problem is a DynrobustError that names the file.
+    other columns are ignored. With ``allow_clean`` a row whose corruption is ``clean`` (the clean
+    error, as ``dynrobust eval --format csv`` writes it) is kept as is. Any problem is a
+    DynrobustError that names the file.
     """
     path = Path(path)
     if not path.exists():
@@ -83,7 +85,13 @@ def read_errors_csv(path: Path, percent: bool = False) -> pd.DataFrame:
             out[f"{k}_err"] = _numeric(frame, f"{k}_err", path, percent)
         elif f"{k}_acc" in frame.columns:
             out[f"{k}_err"] = 1.0 - _numeric(frame, f"{k}_acc", path, percent)
-    return validate_errors(out, what=str(path))
+    clean = out["corruption"].astype(str).str.strip() == "clean" if allow_clean else pd.Series(False, index=out.index)
+    if clean.sum() > 1:
+        raise DynrobustError(f"{path}: more than one 'clean' row")
+    if clean.any() and not 0.0 <= float(out.loc[clean, "top1_err"].iloc[0]) <= 1.0:
+        raise DynrobustError(f"{path}: the clean row's top-1 error is not a fraction in [0, 1]")
+    cells = validate_errors(out.loc[~clean].reset_index(drop=True), what=str(path))
+    return pd.concat([cells, out.loc[clean].assign(corruption="clean")], ignore_index=True) if clean.any() else cells
 
 
 def _severities(cells: pd.DataFrame, corruption: str) -> str:
@@ -257,6 +265,13 @@ def format_csv(result: CorruptionMetrics, delta: pd.DataFrame | None = None) -> 
     return buffer.getvalue()
 
 
+def _split_clean(frame):
+    """Separate a ``clean`` row (as ``dynrobust eval --format csv`` writes it) from the corrupted cells."""
+    is_clean = frame["corruption"] == "clean"
+    clean = float(frame.loc[is_clean, "top1_err"].iloc[0]) if is_clean.any() else None
+    return frame.loc[~is_clean].reset_index(drop=True), clean
+
+
 @click.command("metrics")
 @click.argument("errors_csv", type=click.Path(path_type=Path))
 @click.option(
@@ -293,8 +308,11 @@ def metrics_command(errors_csv, clean_err, baseline_csv, output_format, percent)
     top5_err/top5_acc is carried through). CE is normalised by AlexNet's errors; mCE and relative mCE
     average the 15 standard corruptions and need all 5 severities of each: with cells missing they
     are not given and the missing cells are listed. The 4 extra corruptions are reported apart.
+    A row with corruption 'clean' (as `dynrobust eval --format csv` writes) gives the clean error.
     """
-    errors = read_errors_csv(errors_csv, percent=percent)
+    errors, clean_row = _split_clean(read_errors_csv(errors_csv, percent=percent, allow_clean=True))
+    if clean_err is None and clean_row is not None:
+        clean_err = clean_row * 100.0 if percent else clean_row  # scaled back below with --percent
     if clean_err is not None and percent:
         clean_err = clean_err / 100.0
     if clean_err is not None and not 0.0 <= clean_err <= 1.0:
@@ -304,7 +322,7 @@ def metrics_command(errors_csv, clean_err, baseline_csv, output_format, percent)
 
     delta = None
     if baseline_csv is not None:
-        baseline = read_errors_csv(baseline_csv, percent=percent)
+        baseline, _ = _split_clean(read_errors_csv(baseline_csv, percent=percent, allow_clean=True))
         delta = delta_top1(errors, baseline)
         if output_format != "json":
             model_cells = set(zip(errors["corruption"], errors["severity"]))

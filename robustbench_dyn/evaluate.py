@@ -193,9 +193,15 @@ def evaluate(
     started = time.perf_counter()
     _check_options(batch_size, limit, workers, device)
     config = model_config(model_name).preprocessing
-    cells = plan_cells(imagenet_c, imagenet_val, on_the_fly, corruptions, severities, limit)
     if workers is None:
         workers = 0 if device == "cpu" else min(8, os.cpu_count() or 1)
+    # the checkpoint first: a bad one should fail before a long scan of the dataset
+    torch.manual_seed(RANDOM_INIT_SEED)
+    model = create_model(model_name, weights=weights)
+    model.eval().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    cells = plan_cells(imagenet_c, imagenet_val, on_the_fly, corruptions, severities, limit)
 
     notes = []
     if weights is None:
@@ -219,11 +225,6 @@ def evaluate(
     # run); each cell's origin is recorded and checked by the store instead
     identity = RunIdentity(model=model_name, weights_sha256=sha, preprocessing=preprocessing)
 
-    torch.manual_seed(RANDOM_INIT_SEED)
-    model = create_model(model_name, weights=weights)
-    model.eval().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(config.std, device=device).view(1, 3, 1, 1) * 255
 
@@ -269,6 +270,7 @@ def evaluate(
         bar = progress_bar(total=len(items), desc=model_name, unit="img", enabled=progress)
         try:
             for (cell, chunk, _), (indices, pixels, bad) in zip(units, loader):
+                bar.set_postfix_str(f"{cell.corruption}/{cell.severity}" if cell.severity else cell.corruption, refresh=False)
                 records = []
                 if pixels is not None:
                     x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()

@@ -212,3 +212,29 @@ def test_a_folder_that_is_not_imagenet_c(data, tmp_path):
     result = CliRunner().invoke(app, ["eval", "--model", MODEL, "--imagenet-c", str(data["clean"]), "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "not an ImageNet-C folder" in str(result.exception)
+
+
+def test_eval_csv_feeds_dynrobust_metrics_with_its_clean_row(data, tmp_path):
+    result = _eval("--weights", data["weights"], "--imagenet-c", data["flat"], "--imagenet-val", data["clean"],
+                   "-c", CORRUPTIONS, "-s", SEVERITIES, "--out", tmp_path / "runs", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    csv = tmp_path / "errors.csv"
+    csv.write_text(result.stdout)
+    records = _records(tmp_path / "runs")
+    clean_err = 1 - records[records.corruption == "clean"].correct1.mean()
+    metrics = CliRunner().invoke(app, ["metrics", str(csv), "--format", "json"])
+    assert metrics.exit_code == 0, metrics.output
+    report = json.loads(metrics.stdout)
+    assert report["clean_err"] == pytest.approx(clean_err)
+    fog = next(r for r in report["per_corruption"] if r["corruption"] == "fog")
+    assert fog["mean_err"] == pytest.approx(1 - records[records.corruption == "fog"].correct1.mean())
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_clear_line(data, tmp_path):
+    torch.save(create_model("resnet101").state_dict(), tmp_path / "r101.pth")
+    script = Path(sys.executable).with_name("dynrobust")
+    result = subprocess.run([str(script), "eval", "--model", MODEL, "--weights", str(tmp_path / "r101.pth"),
+                             "--imagenet-c", str(data["flat"]), "-c", "fog", "-s", "1", "--out", str(tmp_path / "o"), "-q"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "unexpected" in result.stderr

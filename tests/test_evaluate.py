@@ -238,3 +238,13 @@ def test_a_checkpoint_that_does_not_fit_is_one_clear_line(data, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and "unexpected" in result.stderr
+
+
+def test_worker_processes_give_the_same_records(data, tmp_path):
+    for workers in ("0", "2"):
+        result = _eval("--weights", data["weights"], "--imagenet-val", data["clean"], "--on-the-fly", "-c", "fog",
+                       "-s", "2", "-j", workers, "-b", "2", "--out", tmp_path / f"w{workers}")
+        assert result.exit_code == 0, result.output
+    a, b = _records(tmp_path / "w0"), _records(tmp_path / "w2")
+    assert len(a) == 8
+    assert a.drop(columns="run_id").equals(b.drop(columns="run_id"))

@@ -224,11 +224,6 @@ class ResultsStore:
         )
         return {(c, int(s), i) for c, s, i in rows}
 
-    def done_chunks(self, run_id: int) -> set:
-        """The (corruption, severity, chunk) units already committed for ``run_id``."""
-        rows = self.db.execute("SELECT corruption, severity, chunk FROM chunks WHERE run_id=?", (run_id,))
-        return {(c, int(s), int(k)) for c, s, k in rows}
-
     def commit_chunk(self, run_id, corruption, severity, chunk, records, bad) -> None:
         """Write one chunk's records and bad images and mark it done, in one transaction.
 

@@ -192,17 +192,6 @@ def zoom_scratch(image: np.ndarray) -> np.ndarray:
     return np.empty((3, height, width * int(np.prod(image.shape[2:]))), dtype=np.float32)
 
 
-def reflect_index(index: np.ndarray, size: int) -> np.ndarray:
-    """Map integer indices in [-size, 2 * size) into [0, size) by half-sample symmetric reflection.
-
-    This is SciPy's 'reflect' border ('d c b a | a b c d | d c b a'); one reflection suffices for
-    the displacements the corruptions make (under 15% of the side).
-    """
-    index = np.where(index < 0, -1 - index, index)
-    index = np.where(index >= size, 2 * size - 1 - index, index)
-    return np.clip(index, 0, size - 1)
-
-
 def bilinear_sample(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """Sample ``image`` (H, W, C) at fractional (rows, cols) of shape (H', W') with bilinear weights.
 

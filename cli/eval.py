@@ -75,7 +75,7 @@ def render_table(summary, metrics) -> str:
 
 
 @click.command("eval")
-@click.option("--model", "model_name", required=True, help="Model name (see `dynrobust models`).")
+@click.option("--model", "model_name", required=True, help="Registered model name, e.g. resnet50 (robustbench_dyn.models.list_models() lists them).")
 @click.option("--weights", type=click.Path(path_type=Path), help="Checkpoint (.pth, .pt, .safetensors). Without it the weights are random.")
 @click.option("--imagenet-c", type=click.Path(path_type=Path), help="ImageNet-C root: <root>/<corruption>/<severity>/<wnid>/<file> (or nested under categories).")
 @click.option("--imagenet-val", type=click.Path(path_type=Path), help="Clean ImageNet val in class folders <wnid>/<file>: adds the clean error.")

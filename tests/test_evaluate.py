@@ -248,3 +248,15 @@ def test_worker_processes_give_the_same_records(data, tmp_path):
     a, b = _records(tmp_path / "w0"), _records(tmp_path / "w2")
     assert len(a) == 8
     assert a.drop(columns="run_id").equals(b.drop(columns="run_id"))
+
+
+def test_amp_and_channels_last_run_and_agree_mostly(data, tmp_path):
+    """bfloat16 autocast on CPU changes logits slightly, not the pipeline: same images, same labels."""
+    base = ("--weights", data["weights"], "--imagenet-c", data["flat"], "-c", "fog", "-s", "1,3")
+    assert _eval(*base, "--out", tmp_path / "fp32").exit_code == 0
+    result = _eval(*base, "--amp", "--channels-last", "--out", tmp_path / "amp")
+    assert result.exit_code == 0, result.output
+    fp32, amp = _records(tmp_path / "fp32"), _records(tmp_path / "amp")
+    assert fp32[["corruption", "severity", "image_id", "label"]].equals(amp[["corruption", "severity", "image_id", "label"]])
+    with ResultsStore(tmp_path / "amp") as store:
+        assert json.loads(store.runs().options.iloc[0])["amp"] is True

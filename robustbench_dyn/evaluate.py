@@ -8,7 +8,6 @@ is committed to the SQLite store in one transaction.
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,17 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from robustbench_dyn.corruptions import CORRUPTION_NAMES, canonical_seed, corrupt, parse_severities, resolve_corruptions
-from robustbench_dyn.data.images import load_rgb, resize_center_crop
+from robustbench_dyn.data import build_imagenet_c as imagenet_c_recipe
+from robustbench_dyn.data.images import decode_jpeg, encode_jpeg, load_rgb, resize_center_crop
 from robustbench_dyn.data.imagenet import labelled_images, locate_imagenet_c
 from robustbench_dyn.errors import BadImageError, DynrobustError
 from robustbench_dyn.progress import progress_bar
 from robustbench_dyn.store import CLEAN, ResultsStore, RunIdentity
 
-# ImageNet-C's recipe (make_imagenet_c.py): Resize(256), CenterCrop(224), corrupt, JPEG quality 85
-IMAGENET_C_RESIZE, IMAGENET_C_CROP, IMAGENET_C_JPEG_QUALITY = 256, 224, 85
 RANDOM_INIT_SEED = 0
 
 
@@ -85,14 +82,11 @@ class _ImageStream(torch.utils.data.Dataset):
         if cell.source == "clean":
             pixels = resize_center_crop(pixels, self.config.resize, crop, self.config.interpolation)
         elif cell.source == "on-the-fly":
-            pixels = resize_center_crop(pixels, IMAGENET_C_RESIZE, IMAGENET_C_CROP)
+            pixels = resize_center_crop(pixels, imagenet_c_recipe.RESIZE, imagenet_c_recipe.CROP)
             seed = canonical_seed(image.image_id, cell.corruption, cell.severity)
             pixels = corrupt(pixels, cell.corruption, cell.severity, seed=seed)
-            if self.jpeg_round_trip:
-                buffer = io.BytesIO()
-                Image.fromarray(pixels).save(buffer, format="JPEG", quality=IMAGENET_C_JPEG_QUALITY, optimize=True)
-                buffer.seek(0)
-                pixels = np.asarray(Image.open(buffer).convert("RGB"))
+            if self.jpeg_round_trip:  # as the files of ImageNet-C (and of `dynrobust corrupt`) were saved
+                pixels = decode_jpeg(encode_jpeg(pixels, imagenet_c_recipe.JPEG_QUALITY))
         if pixels.shape[:2] != (crop, crop):
             # ImageNet-C files are 224x224 and are used as stored; other sizes are cropped like clean images
             pixels = resize_center_crop(pixels, self.config.resize, crop, self.config.interpolation)
@@ -216,7 +210,7 @@ def evaluate(
         "clean": {"resize": config.resize, "crop": config.crop, "interpolation": config.interpolation},
         "corrupted": "ImageNet-C 224x224 as stored" if not on_the_fly else {
             "recipe": "resize 256, crop 224, dynrobust corruption engine v1, canonical seeds",
-            "jpeg_quality": IMAGENET_C_JPEG_QUALITY if jpeg_round_trip else None,
+            "jpeg_quality": imagenet_c_recipe.JPEG_QUALITY if jpeg_round_trip else None,
         },
         "mean": list(config.mean),
         "std": list(config.std),

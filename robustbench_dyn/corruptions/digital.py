@@ -75,13 +75,6 @@ def jpeg_compression(image: np.ndarray, severity: int, rng: np.random.Generator)
         return np.asarray(decoded.convert("RGB"))
 
 
-def _value_and_minimum(image: np.ndarray):
-    # HSV value (max) and the minimum over channels, on uint8 (cheaper than a float reduction)
-    value = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
-    low = np.minimum(np.minimum(image[..., 0], image[..., 1]), image[..., 2])
-    return value.astype(np.float32), low.astype(np.float32)
-
-
 def saturate(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     """Set the HSV saturation to clip(s * a + b, 0, 1), keeping hue and value.
 
@@ -90,7 +83,7 @@ def saturate(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.n
     scikit-image, so an added b turns them red-tinted: R = V, G = B = V (1 - b).
     """
     a, b = SATURATE[severity - 1]
-    value, low = _value_and_minimum(image)
+    value, low = filters.value_and_minimum(image)
     delta = value - low
     sat = np.divide(delta, value, out=np.zeros_like(value), where=value > 0)
     new_sat = sat * np.float32(a)

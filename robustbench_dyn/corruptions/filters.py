@@ -223,3 +223,13 @@ def bilinear_sample(image: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np
     bottom *= fr
     top += bottom
     return top.reshape(rows.shape + (channels,))
+
+
+def value_and_minimum(image: np.ndarray):
+    """HSV value (max over channels) and the minimum over channels of uint8 (H, W, 3), as float32.
+
+    Computed on uint8 with elementwise max/min (cheaper than a float reduction over the last axis).
+    """
+    value = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
+    low = np.minimum(np.minimum(image[..., 0], image[..., 1]), image[..., 2])
+    return value.astype(np.float32), low.astype(np.float32)

@@ -193,9 +193,7 @@ def brightness(image: np.ndarray, severity: int, rng: np.random.Generator) -> np
     With hue and saturation fixed, RGB scales with the value, so the HSV round trip of the
     reference reduces to a per-pixel gain; black pixels (saturation 0) become grey c.
     """
-    from robustbench_dyn.corruptions.digital import _value_and_minimum
-
-    value, _ = _value_and_minimum(image)
+    value, _ = filters.value_and_minimum(image)
     new_value = np.minimum(value + np.float32(BRIGHTNESS[severity - 1] * 255), np.float32(255))
     gain = np.divide(new_value, value, out=np.zeros_like(value), where=value > 0)
     out = image * gain[..., None]

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from PIL import Image
 
 from robustbench_dyn.corruptions import (
     CORRUPTION_NAMES,
@@ -38,7 +37,7 @@ from robustbench_dyn.corruptions import (
     parse_severities,
     resolve_corruptions,
 )
-from robustbench_dyn.data.images import is_image_file, load_rgb, resize_center_crop
+from robustbench_dyn.data.images import encode_jpeg, is_image_file, load_rgb, resize_center_crop
 from robustbench_dyn.errors import BadImageError, DynrobustError
 from robustbench_dyn.progress import progress_bar
 
@@ -274,7 +273,7 @@ def _save_jpeg_atomically(pixels, path: Path) -> None:
     temp = path.with_name(f"{_TEMP_PREFIX}{path.name}.{os.getpid()}{_TEMP_SUFFIX}")
     try:
         with open(temp, "wb") as handle:
-            Image.fromarray(pixels).save(handle, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+            handle.write(encode_jpeg(pixels, JPEG_QUALITY))
         # no fsync: a killed process leaves at most a hidden temp file; a power cut that empties a
         # renamed file is caught by is_complete_jpeg on the next run
         os.replace(temp, path)

@@ -6,6 +6,7 @@ rotation), so pixels match theirs; any PIL mode is converted to RGB uint8.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -88,3 +89,16 @@ def resize_center_crop(image: np.ndarray, resize: int = 256, crop: int = 224, in
     if top < 0 or left < 0:
         raise ValueError(f"cannot crop {crop}x{crop} from an image resized to {new_w}x{new_h}")
     return np.ascontiguousarray(np.asarray(pil)[top : top + crop, left : left + crop])
+
+
+def encode_jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    """JPEG bytes of uint8 (H, W, 3) ``pixels`` (PIL, ``optimize=True`` as make_imagenet_c.py saves)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """uint8 (H, W, 3) pixels of JPEG bytes, decoded as :func:`load_rgb` decodes a file."""
+    with Image.open(io.BytesIO(data)) as image:
+        return to_rgb_array(image)

@@ -41,6 +41,7 @@ def summary_metrics(summary) -> dict | None:
 def render_table(summary, metrics) -> str:
     """The summary as text: top-1 error % per corruption and severity, then the metrics."""
     from robustbench_dyn.corruptions import SEVERITIES
+    from robustbench_dyn.store import CLEAN
 
     errors = summary.errors
     lines = []
@@ -48,7 +49,7 @@ def render_table(summary, metrics) -> str:
     lines.append(header)
     for corruption, group in errors.groupby("corruption", sort=False):
         by_severity = dict(zip(group.severity, group.top1_err))
-        if corruption == "clean":
+        if corruption == CLEAN:
             lines.append(f"{'clean':18s} {100 * by_severity[0]:6.2f}")
             continue
         cells = " ".join(f"{100 * by_severity[s]:6.2f}" if s in by_severity else f"{'-':>6s}" for s in SEVERITIES)

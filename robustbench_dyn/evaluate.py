@@ -235,22 +235,22 @@ def evaluate(
         )
         store.claim_cells(run_id, [(c.corruption, c.severity, c.source, c.origin) for c in cells])
         done = store.done_images(run_id)
-        items, units = [], []  # units: (cell, chunk index, [item indices])
+        items, units = [], []  # units: (cell, [item indices]), one batch each
         already = 0
         for cell in cells:
-            for chunk, start in enumerate(range(0, len(cell.images), batch_size)):
+            for start in range(0, len(cell.images), batch_size):
                 todo = [im for im in cell.images[start : start + batch_size]
                         if (cell.corruption, cell.severity, im.image_id) not in done]
                 already += min(batch_size, len(cell.images) - start) - len(todo)
                 if todo:
-                    units.append((cell, chunk, list(range(len(items), len(items) + len(todo)))))
+                    units.append((cell, list(range(len(items), len(items) + len(todo)))))
                     items += [(cell, im) for im in todo]
 
         summary = EvalSummary(run_id, store.path, model_name, None if weights is None else str(weights),
                               cells, images_already_done=already, device=device, notes=notes)
         loader = torch.utils.data.DataLoader(
             _ImageStream(items, config, jpeg_round_trip),
-            batch_sampler=[unit[2] for unit in units],
+            batch_sampler=[unit[1] for unit in units],
             num_workers=workers,
             collate_fn=_collate,
             pin_memory=device.startswith("cuda"),
@@ -263,7 +263,7 @@ def evaluate(
         )
         bar = progress_bar(total=len(items), desc=model_name, unit="img", enabled=progress)
         try:
-            for (cell, chunk, _), (indices, pixels, bad) in zip(units, loader):
+            for (cell, _), (indices, pixels, bad) in zip(units, loader):
                 bar.set_postfix_str(f"{cell.corruption}/{cell.severity}" if cell.severity else cell.corruption, refresh=False)
                 records = []
                 if pixels is not None:
@@ -278,7 +278,7 @@ def evaluate(
                         image = items[i][1]
                         records.append((image.image_id, image.label, predicted))
                 bad_rows = [(items[i][1].image_id, str(items[i][1].path), reason) for i, reason in bad]
-                store.commit_chunk(run_id, cell.corruption, cell.severity, chunk, records, bad_rows)
+                store.commit_batch(run_id, cell.corruption, cell.severity, records, bad_rows)
                 summary.images_evaluated += len(records)
                 bar.update(len(records) + len(bad_rows))
                 if bad_rows and strict:

@@ -8,10 +8,11 @@ Tables:
   device and times.
 - ``cells``: where each (corruption, severity) of a run comes from (an ImageNet-C folder, a clean
   folder corrupted on the fly, ...); a run never mixes two origins in one cell.
-- ``chunks``: the work units done: (run, corruption, severity, chunk). A chunk's records and its
-  row here are committed in one transaction, so a killed run loses at most the chunk in flight.
 - ``records``: one row per evaluated image: label, top-5 predictions, correct@1, correct@5.
 - ``bad_images``: images that could not be decoded, with the reason.
+
+Each batch's records and bad images are committed in one transaction, so a killed run loses at
+most the batch in flight; what is done is exactly what ``records`` and ``bad_images`` hold.
 
 The clean images are the cell (corruption ``"clean"``, severity 0).
 """
@@ -57,14 +58,6 @@ CREATE TABLE IF NOT EXISTS cells (
     source TEXT NOT NULL,
     origin TEXT NOT NULL,
     PRIMARY KEY (run_id, corruption, severity)
-);
-CREATE TABLE IF NOT EXISTS chunks (
-    run_id INTEGER NOT NULL REFERENCES runs(run_id),
-    corruption TEXT NOT NULL,
-    severity INTEGER NOT NULL,
-    chunk INTEGER NOT NULL,
-    images INTEGER NOT NULL,
-    PRIMARY KEY (run_id, corruption, severity, chunk)
 );
 CREATE TABLE IF NOT EXISTS records (
     run_id INTEGER NOT NULL REFERENCES runs(run_id),
@@ -182,7 +175,7 @@ class ResultsStore:
             return int(row[0])
 
     def mark_finished(self, run_id: int) -> None:
-        """Record that every requested chunk of the run is done."""
+        """Record that every requested image of the run is done."""
         with self.db:
             self.db.execute("UPDATE runs SET finished_at=? WHERE run_id=?", (time.time(), run_id))
 
@@ -190,7 +183,7 @@ class ResultsStore:
         """All runs of the store, one row each."""
         return pd.read_sql_query("SELECT * FROM runs ORDER BY run_id", self.db)
 
-    # -- cells, chunks and records ----------------------------------------------------------
+    # -- cells and records ----------------------------------------------------------------
 
     def claim_cells(self, run_id: int, cells) -> None:
         """Record the origin of each (corruption, severity, source, origin) cell of the run.
@@ -224,8 +217,8 @@ class ResultsStore:
         )
         return {(c, int(s), i) for c, s, i in rows}
 
-    def commit_chunk(self, run_id, corruption, severity, chunk, records, bad) -> None:
-        """Write one chunk's records and bad images and mark it done, in one transaction.
+    def commit_batch(self, run_id, corruption, severity, records, bad) -> None:
+        """Write one batch's records and bad images, in one transaction.
 
         ``records``: iterable of (image_id, label, top5 list); ``bad``: (image_id, path, reason).
         """
@@ -241,10 +234,6 @@ class ResultsStore:
             self.db.executemany(
                 "INSERT OR REPLACE INTO bad_images VALUES (?,?,?,?,?,?)",
                 [(run_id, corruption, severity, i, p, r) for i, p, r in bad],
-            )
-            self.db.execute(
-                "INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?)",
-                (run_id, corruption, severity, chunk, len(rows) + len(bad)),
             )
             self.db.execute("UPDATE runs SET updated_at=? WHERE run_id=?", (time.time(), run_id))
 

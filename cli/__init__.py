@@ -39,6 +39,10 @@ def _register_commands():
 
     app.add_command(eval_module.eval_command)
 
+    from robustbench_dyn.cli import ops as ops_module
+
+    app.add_command(ops_module.ops_group)
+
 
 _register_commands()
 

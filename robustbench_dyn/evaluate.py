@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustbench_dyn import ops
 from robustbench_dyn.corruptions import CORRUPTION_NAMES, canonical_seed, corrupt, parse_severities, resolve_corruptions
 from robustbench_dyn.data import build_imagenet_c as imagenet_c_recipe
 from robustbench_dyn.data.images import decode_jpeg, encode_jpeg, load_rgb, resize_center_crop
@@ -152,6 +153,14 @@ def plan_cells(imagenet_c, imagenet_val, on_the_fly, corruptions, severities, li
     return cells
 
 
+def _ops_backend() -> str:
+    """What the runs table records as the ops backend: which implementation of DDF/involution ran."""
+    used = ops.backends_used()
+    if not used:
+        return "none (no dynamic ops ran)"
+    return ", ".join(f"{name} ({device})" for device, name in sorted(used.items()))
+
+
 def evaluate(
     model_name: str,
     *,
@@ -222,17 +231,14 @@ def evaluate(
     mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(config.std, device=device).view(1, 3, 1, 1) * 255
 
+    run_context = {
+        "ops_backend": _ops_backend(),
+        "torch_version": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "options": {"batch_size": batch_size, "amp": amp, "channels_last": channels_last, "limit": limit},
+    }
     with ResultsStore(out) as store:
-        run_id = store.open_run(
-            identity,
-            None if weights is None else str(weights),
-            {
-                "ops_backend": "none (static convolutions)",
-                "torch_version": torch.__version__,
-                "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-                "options": {"batch_size": batch_size, "amp": amp, "channels_last": channels_last, "limit": limit},
-            },
-        )
+        run_id = store.open_run(identity, None if weights is None else str(weights), run_context)
         store.claim_cells(run_id, [(c.corruption, c.severity, c.source, c.origin) for c in cells])
         done = store.done_images(run_id)
         items, units = [], []  # units: (cell, [item indices]), one batch each
@@ -278,6 +284,10 @@ def evaluate(
                         image = items[i][1]
                         records.append((image.image_id, image.label, predicted))
                 bad_rows = [(items[i][1].image_id, str(items[i][1].path), reason) for i, reason in bad]
+                if records and run_context["ops_backend"] != _ops_backend():
+                    # the first batch through a dynamic model shows which ops backend ran
+                    run_context["ops_backend"] = _ops_backend()
+                    store.open_run(identity, None if weights is None else str(weights), run_context)
                 store.commit_batch(run_id, cell.corruption, cell.severity, records, bad_rows)
                 summary.images_evaluated += len(records)
                 bar.update(len(records) + len(bad_rows))

@@ -1,0 +1,273 @@
+"""Build, load and choose the compiled operators of ``csrc/``.
+
+The sources are compiled just-in-time with ninja through ``torch.utils.cpp_extension`` into
+``<cache>/ops/<key>/``, where the key hashes the sources, the torch and CUDA versions, the CUDA
+architectures and the CPU's instruction set (the CPU code is built with ``-march=native``).
+A built library is loaded directly the next time, without calling the compiler.
+
+Which implementation runs is decided once per process and device type (:func:`backend_for`):
+``DYNROBUST_OPS=native`` requires the compiled kernels (an error if they cannot be built),
+``DYNROBUST_OPS=reference`` uses the pure-PyTorch reference, and unset (or ``auto``) tries the
+compiled kernels and falls back to the reference with one warning naming the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from robustbench_dyn.errors import DynrobustError
+
+ENV_BACKEND = "DYNROBUST_OPS"
+ENV_CACHE = "DYNROBUST_CACHE_DIR"
+BACKENDS = ("native", "reference")
+
+CPU_SOURCES = ("ops/dynamic_filter.cpp", "ops/ddf.cpp", "ops/involution.cpp", "ops/cpu/dynamic_filter_kernel.cpp")
+CUDA_SOURCES = ("ops/cuda/dynamic_filter_kernel.cu",)
+HEADERS = ("ops/dynamic_filter.h",)
+# Architectures compiled when no GPU is visible to pick them from (a compile check, or a build
+# for another machine): Ampere, Hopper. TORCH_CUDA_ARCH_LIST overrides.
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+class OpsBuildError(DynrobustError):
+    """The compiled operators could not be built or loaded; ``log`` holds the compiler's output."""
+
+    def __init__(self, message: str, log: str = ""):
+        super().__init__(message)
+        self.log = log
+
+
+def source_dir() -> Path:
+    """The folder holding ``csrc/``'s sources (a checkout's ``csrc/`` or the installed package data)."""
+    return Path(str(files("robustbench_dyn._csrc")))
+
+
+def cache_dir() -> Path:
+    """Root of the build cache: ``$DYNROBUST_CACHE_DIR``, else ``$XDG_CACHE_HOME/dynrobust``, else ``~/.cache/dynrobust``."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dynrobust"
+
+
+def _cpu_signature() -> str:
+    # -march=native code must not be reused on a CPU with fewer instructions: key on the CPU flags.
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def cuda_archs() -> str:
+    """The CUDA architectures a CUDA build targets: ``TORCH_CUDA_ARCH_LIST``, else those of the
+    visible GPUs, else :data:`DEFAULT_CUDA_ARCHS`."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        return ";".join(f"{major}.{minor}" for major, minor in caps)
+    return DEFAULT_CUDA_ARCHS
+
+
+def build_key(with_cuda: bool) -> str:
+    """Hex digest naming a build: sources, torch/CUDA versions, architectures and CPU."""
+    digest = hashlib.sha256()
+    root = source_dir()
+    for rel in CPU_SOURCES + HEADERS + (CUDA_SOURCES if with_cuda else ()):
+        digest.update(rel.encode())
+        digest.update((root / rel).read_bytes())
+    digest.update(f"torch={torch.__version__}|cuda={torch.version.cuda}|with_cuda={with_cuda}".encode())
+    if with_cuda:
+        digest.update(cuda_archs().encode())
+    digest.update(_cpu_signature().encode())
+    digest.update(sys.platform.encode())
+    return digest.hexdigest()[:20]
+
+
+def library_name(with_cuda: bool) -> str:
+    return f"dynrobust_ops_{'cuda' if with_cuda else 'cpu'}_{build_key(with_cuda)}"
+
+
+@contextlib.contextmanager
+def _environment(**values: Optional[str]):
+    """Set environment variables for the duration of the block and restore them afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is not None:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _check_toolchain(with_cuda: bool):
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise OpsBuildError("ninja is not installed (pip install ninja); it builds the native ops")
+    if with_cuda:
+        if cpp_extension.CUDA_HOME is None:
+            raise OpsBuildError("no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH) to build the CUDA kernels")
+        if not (Path(cpp_extension.CUDA_HOME) / "include" / "cuda_runtime.h").exists():
+            # e.g. nvcc linked into /usr/local/bin makes torch guess CUDA_HOME=/usr/local
+            raise OpsBuildError(f"CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h: set CUDA_HOME "
+                                "to the CUDA toolkit's folder (e.g. /usr/local/cuda)")
+        if torch.version.cuda is None:
+            raise OpsBuildError(f"this torch ({torch.__version__}) is a CPU-only build; it cannot build CUDA kernels")
+
+
+_LOADED: dict[bool, Path] = {}
+_LOCK = threading.Lock()
+
+
+def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -> Path:
+    """Build (if needed) and load the native ops; return the shared library's path.
+
+    ``with_cuda`` adds the CUDA kernels (needs nvcc and a CUDA build of torch, not a GPU).
+    Raises :class:`OpsBuildError` with the compiler's full output if the build fails.
+    """
+    with _LOCK:
+        if with_cuda in _LOADED:
+            return _LOADED[with_cuda]
+        if not with_cuda and True in _LOADED:  # the CUDA build holds the CPU kernels too
+            return _LOADED[True]
+        if _LOADED:  # the other flavour is loaded: both register the same op names
+            other = next(iter(_LOADED.values()))
+            raise OpsBuildError(f"the native ops are already loaded from {other} in this process; "
+                                f"a {'CUDA' if with_cuda else 'CPU-only'} build needs a new process")
+        name = library_name(with_cuda)
+        folder = cache_dir() / "ops" / name
+        library = folder / f"{name}.so"
+        if not library.exists():
+            _check_toolchain(with_cuda)
+            folder.mkdir(parents=True, exist_ok=True)
+            if not quiet:
+                print(f"dynrobust: compiling the native ops{' with CUDA' if with_cuda else ''} into {folder} "
+                      "(once per source, torch version and machine; about a minute)", file=sys.stderr, flush=True)
+            _compile(name, folder, with_cuda, verbose)
+        try:
+            torch.ops.load_library(str(library))
+        except (OSError, RuntimeError) as exc:
+            raise OpsBuildError(f"cannot load {library}: {exc}") from exc
+        from robustbench_dyn.ops import _registrations
+
+        _registrations.register()
+        _LOADED[with_cuda] = library
+        return library
+
+
+def _compile(name: str, folder: Path, with_cuda: bool, verbose: bool):
+    from torch.utils import cpp_extension
+
+    root = source_dir()
+    sources = [str(root / rel) for rel in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
+    # the C++ standard is left to cpp_extension (it matches the installed torch's headers)
+    cflags = ["-O3", "-march=native", "-fopenmp"]
+    cuda_flags = ["-O3"] if with_cuda else None
+    if with_cuda:
+        cflags.append("-DDYNROBUST_WITH_CUDA")
+        cuda_flags.append("-DDYNROBUST_WITH_CUDA")
+    arch = cuda_archs() if with_cuda else None
+    try:
+        with _environment(TORCH_CUDA_ARCH_LIST=arch):
+            cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_cuda_cflags=cuda_flags,
+                               extra_ldflags=["-fopenmp"], extra_include_paths=[str(root)],
+                               build_directory=str(folder), with_cuda=with_cuda, is_python_module=False,
+                               verbose=verbose)
+    except (RuntimeError, OSError, ImportError, ValueError) as exc:
+        log = str(exc)
+        errors = [line.strip() for line in log.splitlines() if "error" in line.lower() and "Error building" not in line]
+        first = errors[0] if errors else (log.splitlines()[0] if log else type(exc).__name__)
+        raise OpsBuildError(f"building the native ops failed: {first} (run `dynrobust ops build"
+                            f"{' --cuda' if with_cuda else ''}` for the full compiler output)", log) from exc
+    # cpp_extension.load also loads the library; keep the path for the next process.
+    if not (folder / f"{name}.so").exists():
+        raise OpsBuildError(f"the build finished but {folder / (name + '.so')} is missing")
+
+
+# ------------------------------------------------------------------------------------ choosing
+
+
+@dataclass(frozen=True)
+class DeviceBackend:
+    """The implementation used for tensors of one device type and why."""
+
+    device: str
+    name: str  # 'native' or 'reference'
+    reason: str
+
+
+def requested_backend() -> str:
+    """``native``, ``reference`` or ``auto``, from ``$DYNROBUST_OPS``; an error for anything else."""
+    value = os.environ.get(ENV_BACKEND, "").strip().lower() or "auto"
+    if value not in BACKENDS + ("auto",):
+        raise DynrobustError(f"{ENV_BACKEND}={os.environ[ENV_BACKEND]!r}: must be 'native', 'reference' or unset")
+    return value
+
+
+_CHOSEN: dict[str, DeviceBackend] = {}
+
+
+def backend_for(device_type: str) -> DeviceBackend:
+    """Decide (once per process) which implementation runs for tensors on ``device_type``."""
+    if device_type in _CHOSEN:
+        return _CHOSEN[device_type]
+    requested = requested_backend()
+    if requested == "reference":
+        choice = DeviceBackend(device_type, "reference", f"{ENV_BACKEND}=reference")
+    elif device_type not in ("cpu", "cuda"):
+        if requested == "native":
+            raise DynrobustError(f"{ENV_BACKEND}=native: there are no native kernels for {device_type} tensors")
+        choice = DeviceBackend(device_type, "reference", f"no native kernels for {device_type} tensors")
+    else:
+        try:
+            if device_type == "cuda":
+                build(with_cuda=True)
+            elif _cuda_build_wanted():
+                try:
+                    build(with_cuda=True)
+                except OpsBuildError as cuda_exc:
+                    warnings.warn(f"dynrobust ops: the CUDA kernels did not build ({cuda_exc}); "
+                                  "building the CPU kernels only", RuntimeWarning, stacklevel=3)
+                    build(with_cuda=False)
+            else:
+                build(with_cuda=False)
+            choice = DeviceBackend(device_type, "native",
+                                   f"{ENV_BACKEND}=native" if requested == "native" else "compiled kernels loaded")
+        except OpsBuildError as exc:
+            if requested == "native":
+                raise
+            choice = DeviceBackend(device_type, "reference", f"native ops unavailable: {exc}")
+    if choice.name == "reference" and requested == "auto":
+        warnings.warn(f"dynrobust ops: using the slow pure-PyTorch reference for {device_type} tensors "
+                      f"because {choice.reason.removeprefix('native ops unavailable: ')}; "
+                      f"set {ENV_BACKEND}=reference to silence this", RuntimeWarning, stacklevel=3)
+    _CHOSEN[device_type] = choice
+    return choice
+
+
+def _cuda_build_wanted() -> bool:
+    # A process with a GPU builds one library with both backends (the op names can be registered once).
+    from torch.utils import cpp_extension
+
+    return torch.cuda.is_available() and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None

@@ -1,0 +1,417 @@
+"""The DDF and involution operators: native kernels against the pure-PyTorch reference, the
+reference against an independent unfold computation, gradients, registration, errors, backends.
+
+The native CPU kernels are built (once per machine) by the first test that needs them; CUDA tests
+run wherever a GPU is present and skip otherwise.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from robustbench_dyn import ops
+from robustbench_dyn.cli import app
+from robustbench_dyn.errors import DynrobustError
+from robustbench_dyn.ops import native
+from robustbench_dyn.ops.reference import ddf_reference, involution_reference
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The native ops, built and loaded (with CUDA when a GPU is present)."""
+    return native.build(with_cuda=native._cuda_build_wanted())
+
+
+def _ddf_inputs(b, c, h, w, k, stride, head, dtype=torch.float64, device="cpu", channels_last=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=gen, dtype=dtype)
+    cf = torch.randn(b, c, k, k, generator=gen, dtype=dtype)
+    sf = torch.randn(b, head * k * k, h // stride, w // stride, generator=gen, dtype=dtype)
+    if channels_last:
+        x, sf = x.contiguous(memory_format=torch.channels_last), sf.contiguous(memory_format=torch.channels_last)
+    return [t.to(device) for t in (x, cf, sf)]
+
+
+def _involution_inputs(b, c, h, w, k, stride, groups, dtype=torch.float64, device="cpu", channels_last=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=gen, dtype=dtype)
+    kernel = torch.randn(b, groups, k * k, (h - 1) // stride + 1, (w - 1) // stride + 1, generator=gen, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return [x.to(device), kernel.to(device)]
+
+
+def _grads(out, inputs, seed=1):
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype).to(out.device)
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def _max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ------------------------------------------------------------------ the reference is right
+
+
+def test_ddf_reference_equals_unfold_formula():
+    # An independent computation: unfold gathers every tap, then the filter is built explicitly.
+    b, c, h, w, k, d, s, head = 2, 6, 9, 11, 3, 2, 2, 3
+    x, cf, sf = _ddf_inputs(b, c, h, w, k, s, head)
+    oh, ow = h // s, w // s
+    taps = F.unfold(x, k, dilation=d, padding=(k - 1) // 2 * d, stride=s)
+    taps = taps.view(b, c, k * k, (h - 1) // s + 1, (w - 1) // s + 1)[..., :oh, :ow]
+    spatial = sf.view(b, head, 1, k * k, oh, ow).expand(b, head, c // head, k * k, oh, ow).reshape(b, c, k * k, oh, ow)
+    channel = cf.view(b, c, k * k, 1, 1)
+    for combine, weight in (("mul", channel * spatial), ("add", channel + spatial)):
+        expected = (taps * weight).sum(2)
+        assert _max_diff(ddf_reference(x, cf, sf, k, d, s, combine, head), expected) < 1e-12
+
+
+def test_involution_reference_equals_unfold_formula():
+    b, c, h, w, k, d, s, g = 2, 8, 9, 10, 3, 2, 2, 2
+    x, kernel = _involution_inputs(b, c, h, w, k, s, g)
+    oh, ow = kernel.shape[-2:]
+    taps = F.unfold(x, k, dilation=d, padding=(k - 1) // 2 * d, stride=s).view(b, g, c // g, k * k, oh, ow)
+    expected = (taps * kernel.unsqueeze(2)).sum(3).view(b, c, oh, ow)
+    assert _max_diff(involution_reference(x, kernel, k, d, s), expected) < 1e-12
+
+
+def test_ddf_with_a_constant_filter_is_a_depthwise_convolution():
+    # mul with an all-ones spatial filter = depthwise conv with the channel filter (zero padding).
+    x, cf, _ = _ddf_inputs(2, 4, 8, 8, 5, 1, 1)
+    sf = torch.ones(2, 25, 8, 8, dtype=torch.float64)
+    expected = torch.cat([F.conv2d(x[i:i + 1], cf[i].unsqueeze(1), padding=2, groups=4) for i in range(2)])
+    assert _max_diff(ops.ddf(x, cf, sf, 5), expected) < 1e-12
+
+
+# ------------------------------------------------------------------ native == reference
+
+DDF_CASES = list(itertools.product([1, 3, 5, 7], [1, 2], [1, 2], ["mul", "add"], [1, 2], [False, True]))
+
+
+@pytest.mark.parametrize("k,dilation,stride,combine,head,channels_last", DDF_CASES)
+def test_ddf_native_matches_reference_forward_and_backward(built, k, dilation, stride, combine, head, channels_last):
+    x, cf, sf = _ddf_inputs(2, 4, 9, 10, k, stride, head, channels_last=channels_last)  # odd height
+    inputs = [t.requires_grad_() for t in (x, cf, sf)]
+    out = torch.ops.dynrobust.ddf(*inputs, k, dilation, stride, combine, head)
+    ref = ddf_reference(*inputs, k, dilation, stride, combine, head)
+    assert out.shape == ref.shape == (2, 4, 9 // stride, 10 // stride)
+    assert _max_diff(out, ref) < 1e-12
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
+        assert got.shape == want.shape
+        assert _max_diff(got, want) < 1e-12
+
+
+INVOLUTION_CASES = list(itertools.product([1, 3, 7], [1, 2], [1, 2], [1, 2, 4], [False, True]))
+
+
+@pytest.mark.parametrize("k,dilation,stride,groups,channels_last", INVOLUTION_CASES)
+def test_involution_native_matches_reference_forward_and_backward(built, k, dilation, stride, groups, channels_last):
+    x, kernel = _involution_inputs(2, 8, 9, 10, k, stride, groups, channels_last=channels_last)
+    inputs = [x.requires_grad_(), kernel.requires_grad_()]
+    out = torch.ops.dynrobust.involution(*inputs, k, dilation, stride)
+    ref = involution_reference(*inputs, k, dilation, stride)
+    assert out.shape == ref.shape == (2, 8, 5 if stride == 2 else 9, 5 if stride == 2 else 10)
+    assert _max_diff(out, ref) < 1e-12
+    for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
+        assert _max_diff(got, want) < 1e-12
+
+
+def test_float32_large_channels_and_odd_sizes(built):
+    # Channel counts beyond one 64-channel block of the NHWC kernel, not a multiple of it.
+    for channels_last in (False, True):
+        x, cf, sf = _ddf_inputs(1, 150, 13, 7, 3, 2, 3, dtype=torch.float32, channels_last=channels_last)
+        out = ops.ddf(x, cf, sf, 3, dilation=1, stride=2, combine="mul", head=3)
+        assert _max_diff(out, ddf_reference(x.double(), cf.double(), sf.double(), 3, 1, 2, "mul", 3)) < 1e-4
+        x, kernel = _involution_inputs(1, 144, 13, 7, 7, 1, 9, dtype=torch.float32, channels_last=channels_last)
+        out = ops.involution(x, kernel, 7)
+        assert _max_diff(out, involution_reference(x.double(), kernel.double(), 7)) < 1e-4
+
+
+def test_non_contiguous_inputs(built):
+    x, cf, sf = _ddf_inputs(2, 4, 9, 20, 3, 1, 1)
+    x = x[:, :, :, ::2]  # a strided view, 9 x 10
+    sf = sf[:, :, :, ::2]
+    cf = cf.transpose(2, 3)  # a transposed view
+    assert not x.is_contiguous() and not cf.is_contiguous()
+    assert _max_diff(ops.ddf(x, cf, sf, 3), ddf_reference(x, cf, sf, 3)) < 1e-12
+    xi, kernel = _involution_inputs(2, 8, 9, 10, 3, 1, 2)
+    kernel = kernel.transpose(3, 4).contiguous().transpose(3, 4)
+    assert _max_diff(ops.involution(xi, kernel, 3), involution_reference(xi, kernel, 3)) < 1e-12
+
+
+def test_half_precision_inputs_on_cpu_are_computed_in_float32(built):
+    for dtype in (torch.bfloat16, torch.float16):
+        x, cf, sf = _ddf_inputs(1, 8, 6, 6, 3, 1, 1, dtype=dtype)
+        out = ops.ddf(x, cf, sf, 3)
+        assert out.dtype == dtype
+        expected = ddf_reference(x.double(), cf.double(), sf.double(), 3)
+        # float32 arithmetic, one rounding to the half type at the end: within half an ulp or so
+        ulp = torch.finfo(dtype).eps * expected.abs()
+        assert ((out.double() - expected).abs() <= ulp + 1e-6).all()
+
+
+def test_mixed_dtypes_promote_like_torch(built):
+    x, cf, sf = _ddf_inputs(1, 4, 6, 6, 3, 1, 1, dtype=torch.float32)
+    out = ops.ddf(x, cf.double(), sf, 3)
+    assert out.dtype == torch.float64
+    assert _max_diff(out, ddf_reference(x.double(), cf.double(), sf.double(), 3)) < 1e-12
+
+
+# ------------------------------------------------------------------ gradients and registration
+
+
+@pytest.mark.parametrize("combine,stride,dilation,head", [("mul", 1, 1, 1), ("add", 2, 2, 2), ("mul", 2, 1, 2)])
+def test_ddf_gradcheck(built, combine, stride, dilation, head):
+    inputs = [t.requires_grad_() for t in _ddf_inputs(1, 4, 7, 6, 3, stride, head)]
+    assert torch.autograd.gradcheck(lambda *t: ops.ddf(*t, 3, dilation, stride, combine, head), inputs)
+
+
+@pytest.mark.parametrize("stride,dilation,channels_last", [(1, 1, False), (2, 2, True)])
+def test_involution_gradcheck(built, stride, dilation, channels_last):
+    inputs = [t.requires_grad_() for t in _involution_inputs(1, 4, 7, 6, 3, stride, 2, channels_last=channels_last)]
+    assert torch.autograd.gradcheck(lambda *t: ops.involution(*t, 3, dilation, stride), inputs)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(built, channels_last):
+    x, cf, sf = [t.requires_grad_() for t in _ddf_inputs(2, 4, 7, 8, 3, 2, 2, torch.float32,
+                                                         channels_last=channels_last)]
+    torch.library.opcheck(torch.ops.dynrobust.ddf.default, (x, cf, sf, 3, 1, 2, "mul", 2))
+    torch.library.opcheck(torch.ops.dynrobust.ddf.default, (x, cf, sf, 3, 1, 2, "add", 2))
+    xi, kernel = [t.requires_grad_() for t in _involution_inputs(2, 4, 7, 8, 3, 2, 2, torch.float32,
+                                                                 channels_last=channels_last)]
+    torch.library.opcheck(torch.ops.dynrobust.involution.default, (xi, kernel, 3, 1, 2))
+
+
+def test_torch_compile_fullgraph_matches_eager(built):
+    x, kernel = _involution_inputs(2, 8, 8, 8, 3, 1, 2, torch.float32)
+    x.requires_grad_()
+    compiled = torch.compile(lambda a, b: ops.involution(a, b, 3) * 2, fullgraph=True, backend="aot_eager")
+    out = compiled(x, kernel)
+    assert _max_diff(out, 2 * involution_reference(x, kernel, 3)) < 1e-5
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (expected,) = torch.autograd.grad((2 * involution_reference(x, kernel, 3)).sum(), x)
+    assert _max_diff(grad, expected) < 1e-5
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_bad_arguments_raise_clear_errors():
+    x, cf, sf = _ddf_inputs(2, 4, 8, 8, 3, 1, 1)
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd"):
+        ops.ddf(x, torch.zeros(2, 4, 4, 4, dtype=x.dtype), torch.zeros(2, 16, 8, 8, dtype=x.dtype), 4)
+    with pytest.raises(ValueError, match=r"channel_filter must have shape \(B, C, k, k\) = \(2, 4, 3, 3\)"):
+        ops.ddf(x, cf[:, :3], sf, 3)
+    with pytest.raises(ValueError, match=r"spatial_filter must have shape .* = \(2, 9, 4, 4\)"):
+        ops.ddf(x, cf, sf, 3, stride=2)  # sf is 8x8, stride 2 needs 4x4
+    with pytest.raises(ValueError, match="head must be a positive divisor"):
+        ops.ddf(x, cf, sf, 3, head=3)
+    with pytest.raises(ValueError, match="combine must be one of"):
+        ops.ddf(x, cf, sf, 3, combine="max")
+    with pytest.raises(ValueError, match="x is on cpu but spatial_filter is on meta"):
+        ops.ddf(x, cf, sf.to("meta"), 3)
+    with pytest.raises(ValueError, match="must be floating point"):
+        ops.ddf(x.long(), cf, sf, 3)
+    xi, kernel = _involution_inputs(1, 8, 9, 9, 3, 2, 2)
+    with pytest.raises(ValueError, match=r"ceil\(H/stride\).* = \(1, 2, 9, 5, 5\)"):
+        ops.involution(xi, kernel[..., :4, :4], 3, stride=2)
+    with pytest.raises(ValueError, match="groups must divide"):
+        ops.involution(xi, torch.zeros(1, 3, 9, 5, 5, dtype=xi.dtype), 3, stride=2)
+    with pytest.raises(ValueError, match="dilation must be a positive integer"):
+        ops.involution(xi, kernel, 3, dilation=0, stride=2)
+
+
+def test_native_kernels_check_their_arguments_too(built):
+    # Called directly, without the Python wrapper's checks.
+    x, cf, sf = _ddf_inputs(2, 4, 8, 8, 3, 1, 1)
+    with pytest.raises(RuntimeError, match="kernel_size must be odd"):
+        torch.ops.dynrobust.ddf(x, cf, sf, 2, 1, 1, "mul", 1)
+    with pytest.raises(RuntimeError, match=r"spatial filter must be H//stride x W//stride = 4x4"):
+        torch.ops.dynrobust.ddf(x, cf, sf, 3, 1, 2, "mul", 1)
+    with pytest.raises(RuntimeError, match="combine must be 'mul' or 'add'"):
+        torch.ops.dynrobust.ddf(x, cf, sf, 3, 1, 1, "max", 1)
+    with pytest.raises(RuntimeError, match="channel filter"):
+        torch.ops.dynrobust.ddf(x, cf.float(), sf, 3, 1, 1, "mul", 1)
+
+
+# ------------------------------------------------------------------ backends
+
+
+def _fresh_choice(monkeypatch, env=None):
+    monkeypatch.setattr(native, "_CHOSEN", {})
+    if env is None:
+        monkeypatch.delenv(native.ENV_BACKEND, raising=False)
+    else:
+        monkeypatch.setenv(native.ENV_BACKEND, env)
+
+
+def test_fallback_warns_once_with_the_cause_and_gives_the_same_answer(monkeypatch):
+    _fresh_choice(monkeypatch)
+
+    def broken(*args, **kwargs):
+        raise native.OpsBuildError("ninja is not installed (pip install ninja)")
+
+    monkeypatch.setattr(native, "build", broken)
+    x, cf, sf = _ddf_inputs(1, 4, 6, 6, 3, 1, 1)
+    with pytest.warns(RuntimeWarning, match="reference .* because ninja is not installed"):
+        out = ops.ddf(x, cf, sf, 3)
+    assert torch.equal(out, ddf_reference(x, cf, sf, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        ops.ddf(x, cf, sf, 3)
+    assert ops.backend_info().name == "reference"
+    assert "ninja is not installed" in ops.backend_info().reason
+
+
+def test_forcing_native_makes_a_failed_build_an_error(monkeypatch):
+    _fresh_choice(monkeypatch, "native")
+
+    def broken(*args, **kwargs):
+        raise native.OpsBuildError("building the native ops failed: boom")
+
+    monkeypatch.setattr(native, "build", broken)
+    x, cf, sf = _ddf_inputs(1, 4, 6, 6, 3, 1, 1)
+    with pytest.raises(native.OpsBuildError, match="boom"):
+        ops.ddf(x, cf, sf, 3)
+
+
+def test_forcing_reference_skips_the_build(monkeypatch):
+    _fresh_choice(monkeypatch, "reference")
+    monkeypatch.setattr(native, "build", lambda *a, **k: pytest.fail("must not build"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        info = ops.backend_info()
+    assert (info.name, info.reason) == ("reference", "DYNROBUST_OPS=reference")
+
+
+def test_nonsense_backend_is_an_error(monkeypatch):
+    _fresh_choice(monkeypatch, "fastest")
+    with pytest.raises(DynrobustError, match="DYNROBUST_OPS='fastest': must be 'native', 'reference' or unset"):
+        ops.backend_info()
+
+
+def test_build_key_follows_the_sources(monkeypatch, tmp_path):
+    import shutil
+
+    key = native.build_key(False)
+    assert key == native.build_key(False)
+    copy = tmp_path / "csrc"
+    shutil.copytree(native.source_dir(), copy)
+    monkeypatch.setattr(native, "source_dir", lambda: copy)
+    assert native.build_key(False) == key
+    kernel = copy / "ops" / "cpu" / "dynamic_filter_kernel.cpp"
+    kernel.write_text(kernel.read_text() + "\n// changed\n")
+    assert native.build_key(False) != key
+    assert native.build_key(True) != native.build_key(False)
+
+
+def test_environment_is_restored(monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+    monkeypatch.delenv("DYNROBUST_TEST_UNSET", raising=False)
+    with native._environment(TORCH_CUDA_ARCH_LIST="7.5", DYNROBUST_TEST_UNSET="1"):
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.5" and os.environ["DYNROBUST_TEST_UNSET"] == "1"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.6"
+    assert "DYNROBUST_TEST_UNSET" not in os.environ
+
+
+# ------------------------------------------------------------------ MAC counting
+
+
+def test_count_macs_uses_the_formulas_and_nests():
+    x, cf, sf = _ddf_inputs(2, 4, 8, 6, 3, 2, 1)
+    xi, kernel = _involution_inputs(1, 8, 7, 7, 7, 1, 2)
+    with ops.count_macs() as outer:
+        ops.ddf(x, cf, sf, 3, stride=2)
+        with ops.count_macs() as inner:
+            ops.involution(xi, kernel, 7)
+    # DDF: combine + apply per tap and output element; involution: apply only.
+    assert inner[0] == 1 * 8 * 7 * 7 * 49
+    assert outer[0] == 2 * (2 * 4 * 4 * 3 * 9) + inner[0]
+    assert ops.ddf_macs(2, 4, 4, 3, 3) == 2 * 2 * 4 * 4 * 3 * 9
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def test_cli_ops_info_and_build(built):
+    runner = CliRunner()
+    result = runner.invoke(app, ["ops", "info", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["cpu"]["backend"] == ops.backend_info().name
+    result = runner.invoke(app, ["ops", "build"])
+    assert result.exit_code == 0, result.output
+    assert str(built) in result.output
+
+
+def test_cli_ops_build_failure_shows_the_full_log():
+    # a subprocess, to see exactly what a user sees: the log in full, one error line, exit 1
+    result = subprocess.run([sys.executable, "-c", "import sys; from robustbench_dyn.ops import native\n"
+                             "def broken(*a, **k):\n"
+                             "    raise native.OpsBuildError('building the native ops failed: oops', log='FULL LOG\\nline 2')\n"
+                             "native.build = broken\n"
+                             "from robustbench_dyn.cli import main\nmain(['ops', 'build'])"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "FULL LOG\nline 2" in result.stderr
+    assert "error: building the native ops failed: oops" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+@CUDA
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("combine", ["mul", "add"])
+def test_cuda_ddf_matches_reference(built, dtype, tol, channels_last, combine):
+    for k, d, s, head in [(3, 1, 1, 1), (5, 2, 2, 2), (7, 1, 2, 1)]:
+        x, cf, sf = _ddf_inputs(2, 32, 13, 14, k, s, head, dtype=torch.float64, channels_last=channels_last)
+        ref_inputs = [t.requires_grad_() for t in (x, cf, sf)]
+        ref = ddf_reference(*ref_inputs, k, d, s, combine, head)
+        cuda_inputs = [t.detach().to("cuda", dtype).requires_grad_() for t in (x, cf, sf)]
+        out = ops.ddf(*cuda_inputs, k, d, s, combine, head)
+        assert out.dtype == dtype and out.is_cuda
+        scale = ref.abs().max().item()
+        assert _max_diff(out.cpu(), ref) < tol * scale
+        for got, want in zip(_grads(out, cuda_inputs), _grads(ref, ref_inputs)):
+            assert _max_diff(got.cpu(), want) < tol * max(1.0, want.abs().max().item())
+
+
+@CUDA
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_involution_matches_reference(built, dtype, tol, channels_last):
+    for k, d, s, groups in [(3, 1, 1, 2), (7, 1, 2, 4), (7, 2, 1, 1)]:
+        x, kernel = _involution_inputs(2, 64, 13, 14, k, s, groups, channels_last=channels_last)
+        ref_inputs = [x.requires_grad_(), kernel.requires_grad_()]
+        ref = involution_reference(*ref_inputs, k, d, s)
+        cuda_inputs = [t.detach().to("cuda", dtype).requires_grad_() for t in ref_inputs]
+        out = ops.involution(*cuda_inputs, k, d, s)
+        assert _max_diff(out.cpu(), ref) < tol * ref.abs().max().item()
+        for got, want in zip(_grads(out, cuda_inputs), _grads(ref, ref_inputs)):
+            assert _max_diff(got.cpu(), want) < tol * max(1.0, want.abs().max().item())
+
+
+@CUDA
+def test_cuda_gradcheck_and_opcheck(built):
+    inputs = [t.cuda().requires_grad_() for t in _ddf_inputs(1, 4, 7, 6, 3, 2, 2)]
+    assert torch.autograd.gradcheck(lambda *t: ops.ddf(*t, 3, 1, 2, "mul", 2), inputs)
+    xi, kernel = [t.cuda().requires_grad_() for t in _involution_inputs(1, 4, 7, 6, 3, 2, 2)]
+    assert torch.autograd.gradcheck(lambda *t: ops.involution(*t, 3, 1, 2), (xi, kernel))
+    torch.library.opcheck(torch.ops.dynrobust.ddf.default, (*[t.float() for t in inputs], 3, 1, 2, "add", 2))
+    torch.library.opcheck(torch.ops.dynrobust.involution.default, (xi.float(), kernel.float(), 3, 1, 2))

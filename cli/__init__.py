@@ -43,6 +43,12 @@ def _register_commands():
 
     app.add_command(ops_module.ops_group)
 
+    from robustbench_dyn.cli import features, report, spectrum
+
+    app.add_command(spectrum.spectrum_command)
+    app.add_command(report.report_command)
+    app.add_command(features.features_command)
+
 
 _register_commands()
 

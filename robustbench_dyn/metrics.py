@@ -21,6 +21,13 @@ over the 15 standard corruptions need all 75 standard cells; when any is missing
 and :attr:`CorruptionMetrics.missing` lists the absent (corruption, severity) cells, rather than a
 silently biased number. Mean errors per corruption, per category and over "all present" corruptions
 are averages over what is there.
+
+Paired statistics between two runs (:func:`paired_outcomes`, :func:`paired_delta_top1`) work on
+per-image records: both models saw the same images, so the unit of resampling and of testing is
+the image. Confidence intervals are percentile intervals of a paired bootstrap over images (the
+same resampled images for both models, jointly over every cell, since one image appears at every
+corruption and severity); p-values come from an exact sign test on images, which on a single cell
+is McNemar's exact test (:func:`mcnemar_exact`). docs/report.md says why.
 """
 
 from __future__ import annotations
@@ -40,9 +47,16 @@ from robustbench_dyn.errors import DynrobustError
 __all__ = [
     "ALEXNET_CLEAN_ERR",
     "CorruptionMetrics",
+    "SignTest",
     "alexnet_errors",
     "corruption_metrics",
     "delta_top1",
+    "holm_adjust",
+    "image_units",
+    "mcnemar_exact",
+    "paired_delta_top1",
+    "paired_outcomes",
+    "sign_test",
     "validate_errors",
 ]
 
@@ -404,3 +418,288 @@ def delta_top1(model: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
     frame = pd.concat([per_corruption, pd.DataFrame(summary)], ignore_index=True)
     frame["cells"] = frame["cells"].astype(int)
     return frame
+
+
+# -- paired statistics on per-image records ---------------------------------------------------------
+
+CLEAN_CELL = "clean"  # the clean images' cell in per-image records (severity 0), as the store files it
+
+
+@dataclass(frozen=True)
+class SignTest:
+    """An exact two-sided sign test on paired differences.
+
+    ``n_positive`` / ``n_negative``: pairs where the model did better / worse than the baseline
+    (for McNemar's test: images only the model / only the baseline got right); ``n_ties``: pairs
+    with no difference, which carry no information and are left out. ``p_value``: two-sided, exact,
+    under H0 that a non-tied pair is equally likely to go either way (Binomial(n_positive +
+    n_negative, 1/2)); 1.0 when every pair is tied.
+    """
+
+    n_positive: int
+    n_negative: int
+    n_ties: int
+    p_value: float
+
+
+def sign_test(differences) -> SignTest:
+    """Exact two-sided sign test of paired ``differences`` (model minus baseline, any real numbers).
+
+    p = min(1, 2 P(X <= min(n+, n-))), X ~ Binomial(n+ + n-, 1/2): the doubled smaller tail, which
+    for p = 1/2 equals the sum of the probabilities of every outcome no more likely than the one
+    observed. Differences within 1e-12 of zero count as ties. Returns a :class:`SignTest`.
+    """
+    from scipy.stats import binom
+
+    values = np.asarray(differences, dtype=float).ravel()
+    if np.isnan(values).any():
+        raise DynrobustError("sign test: the differences hold NaN")
+    positive = int(np.sum(values > 1e-12))
+    negative = int(np.sum(values < -1e-12))
+    ties = int(values.size - positive - negative)
+    n = positive + negative
+    if n == 0:
+        return SignTest(positive, negative, ties, 1.0)
+    p_value = min(1.0, 2.0 * float(binom.cdf(min(positive, negative), n, 0.5)))
+    return SignTest(positive, negative, ties, p_value)
+
+
+def mcnemar_exact(model_correct, baseline_correct) -> SignTest:
+    """McNemar's exact test: did two classifiers differ in top-1 accuracy on the same images?
+
+    ``model_correct`` and ``baseline_correct``: 0/1 (or bool) per image, in the same image order.
+    Only the discordant images count: ``n_positive`` = b (model right, baseline wrong),
+    ``n_negative`` = c (model wrong, baseline right); p = min(1, 2 P(X <= min(b, c))), X ~
+    Binomial(b + c, 1/2) (McNemar 1947; exact form, no continuity correction needed). Returns a
+    :class:`SignTest`; this is :func:`sign_test` on the differences model - baseline.
+    """
+    model = np.asarray(model_correct).ravel()
+    base = np.asarray(baseline_correct).ravel()
+    if model.shape != base.shape:
+        raise DynrobustError(
+            f"McNemar's test needs one outcome per image for both models; got {model.size} and {base.size}"
+        )
+    for name, values in (("model", model), ("baseline", base)):
+        if not np.isin(values, (0, 1)).all():
+            raise DynrobustError(f"McNemar's test: the {name} outcomes must be 0/1 (correct or not)")
+    return sign_test(model.astype(int) - base.astype(int))
+
+
+def holm_adjust(p_values) -> np.ndarray:
+    """Holm's step-down adjustment (Holm 1979) of a family of p-values; returns them adjusted (same order).
+
+    Controls the family-wise error rate for any dependence between the tests. NaN stays NaN and is
+    not counted in the family.
+    """
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    present = np.flatnonzero(~np.isnan(p))
+    m = present.size
+    if m == 0:
+        return adjusted
+    order = present[np.argsort(p[present], kind="stable")]
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def _outcome_table(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    if not isinstance(frame, pd.DataFrame):
+        raise DynrobustError(f"{what}: expected a pandas DataFrame, got {type(frame).__name__}")
+    absent = [c for c in ("corruption", "severity", "image_id", "correct1") if c not in frame.columns]
+    if absent:
+        raise DynrobustError(f"{what}: missing column(s) {', '.join(absent)}")
+    if not frame["correct1"].isin((0, 1)).all():
+        raise DynrobustError(f"{what}: correct1 must be 0 or 1")
+    table = frame[["corruption", "severity", "image_id", "correct1"]].copy()
+    table["severity"] = table["severity"].astype(int)
+    known = set(CORRUPTION_NAMES) | {CLEAN_CELL}
+    unknown = sorted(set(table["corruption"]) - known)
+    if unknown:
+        raise DynrobustError(f"{what}: unknown corruption(s) {_quote(unknown)}")
+    if table.duplicated(["corruption", "severity", "image_id"]).any():
+        raise DynrobustError(f"{what}: an image appears twice in one (corruption, severity) cell")
+    return table
+
+
+def paired_outcomes(model: pd.DataFrame, baseline: pd.DataFrame) -> pd.DataFrame:
+    """Pair two runs' per-image top-1 outcomes on the images both have.
+
+    ``model``, ``baseline``: per-image records with columns corruption (an ImageNet-C name, or
+    ``"clean"`` with severity 0), severity, image_id and correct1 (0/1), as the results store holds
+    them. Returns columns corruption, severity, image_id, model_correct, baseline_correct (0/1), one
+    row per (corruption, severity, image_id) present in both, clean first, then ImageNet-C order.
+    Raises a DynrobustError when they share no image.
+    """
+    left = _outcome_table(model, "model records").rename(columns={"correct1": "model_correct"})
+    right = _outcome_table(baseline, "baseline records").rename(columns={"correct1": "baseline_correct"})
+    pairs = left.merge(right, on=["corruption", "severity", "image_id"], how="inner")
+    if pairs.empty:
+        raise DynrobustError("the model and the baseline share no (corruption, severity, image) record: "
+                             "nothing to pair; evaluate them on the same images")
+    order = {name: i for i, name in enumerate((CLEAN_CELL,) + CORRUPTION_NAMES)}
+    pairs["_order"] = pairs["corruption"].map(order)
+    pairs = pairs.sort_values(["_order", "severity", "image_id"]).drop(columns="_order").reset_index(drop=True)
+    pairs[["model_correct", "baseline_correct"]] = pairs[["model_correct", "baseline_correct"]].astype(int)
+    return pairs
+
+
+def image_units(image_ids) -> np.ndarray:
+    """The resampling unit of each image id: the id without its file extension.
+
+    ImageNet-C saves every image as JPEG, so a clean ``n02123045/cat.png`` is
+    ``n02123045/cat.jpg`` in every corrupted cell; both are one image (the tree builder refuses two
+    sources that differ only by extension). Returns an array of str.
+    """
+    ids = pd.Series(image_ids, dtype=object).astype(str)
+    return ids.str.replace(r"\.[^./]*$", "", regex=True).to_numpy(dtype=str)
+
+
+def _row_weights(cells: list) -> tuple[list, np.ndarray]:
+    """The rows of a delta top-1 table and each row's weights over the cells.
+
+    Rows and their definitions follow :func:`delta_top1`: a corruption is the mean over its
+    severities; a category the mean of its standard corruptions; "standard" and "all" the means
+    over those corruptions; "clean" the clean cell. Returns (row descriptions, weights of shape
+    (rows, cells), each row summing to 1).
+    """
+    corrupted = [c for c in cells if c[0] != CLEAN_CELL]
+    names = [n for n in CORRUPTION_NAMES if any(c[0] == n for c in corrupted)]
+    index = {cell: i for i, cell in enumerate(cells)}
+    per_corruption = {}
+    for name in names:
+        weights = np.zeros(len(cells))
+        members = [c for c in corrupted if c[0] == name]
+        for cell in members:
+            weights[index[cell]] = 1.0 / len(members)
+        per_corruption[name] = (weights, len(members))
+
+    rows, matrix = [], []
+    if (CLEAN_CELL, 0) in index:
+        weights = np.zeros(len(cells))
+        weights[index[(CLEAN_CELL, 0)]] = 1.0
+        rows.append({"scope": "clean", "name": CLEAN_CELL, "category": None, "standard": None, "cells": 1})
+        matrix.append(weights)
+    for name in names:
+        rows.append({"scope": "corruption", "name": name, "category": CATEGORY_OF[name],
+                     "standard": name in STANDARD, "cells": per_corruption[name][1]})
+        matrix.append(per_corruption[name][0])
+
+    def mean_of(scope, label, members, category=None, standard=None):
+        rows.append({"scope": scope, "name": label, "category": category, "standard": standard,
+                     "cells": sum(per_corruption[n][1] for n in members)})
+        matrix.append(np.mean([per_corruption[n][0] for n in members], axis=0))
+
+    standard = [n for n in names if n in STANDARD]
+    for category in CATEGORIES:
+        members = [n for n in standard if CATEGORY_OF[n] == category]
+        if members:
+            mean_of("category", category, members, category=category, standard=True)
+    if standard:
+        mean_of("mean", "standard", standard, standard=True)
+    if names:
+        mean_of("mean", "all", names)
+    return rows, np.array(matrix).reshape(len(rows), len(cells))
+
+
+def paired_delta_top1(
+    pairs: pd.DataFrame, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> pd.DataFrame:
+    """Delta top-1 of a model over a baseline on the same images, with bootstrap intervals and p-values.
+
+    ``pairs``: as :func:`paired_outcomes` returns. Rows follow :func:`delta_top1` (scope
+    "corruption", "category", "mean": standard and all), preceded by a "clean" row when the clean
+    cell is there; the point estimates equal :func:`delta_top1` of the two runs' errors on these
+    images (a corruption's delta is the mean over its severities of the difference of top-1
+    accuracies; a category's the mean over its standard corruptions).
+
+    Columns: scope, name, category, standard, cells, images (distinct images behind the row),
+    model_top1, baseline_top1 (accuracy in %), delta_top1, ci_low, ci_high (percentage points),
+    n_better, n_worse (images whose mean outcome over the row's cells is higher / lower for the
+    model than for the baseline), p_value (exact two-sided sign test on those images; McNemar's
+    exact test for a single cell).
+
+    Interval: the ``level`` (e.g. 0.95) percentile interval of ``n_boot`` paired bootstrap
+    replicates. Each replicate draws images with replacement (the same draw for model and baseline,
+    and jointly over all cells, since one image is seen at every corruption and severity) and
+    recomputes the row from the resampled cells; an image is its id without the file extension
+    (:func:`image_units`), so a clean PNG and its ImageNet-C JPEGs are drawn together. ``seed``
+    makes the draws reproducible.
+    """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 100:
+        raise DynrobustError(f"the bootstrap needs at least 100 replicates, got {n_boot!r}")
+    if not 0.0 < float(level) < 1.0:
+        raise DynrobustError(f"the confidence level must be a fraction strictly between 0 and 1, got {level!r}")
+    absent = [c for c in ("corruption", "severity", "image_id", "model_correct", "baseline_correct")
+              if c not in pairs.columns]
+    if absent:
+        raise DynrobustError(f"paired outcomes: missing column(s) {', '.join(absent)}")
+    if pairs.empty:
+        raise DynrobustError("paired outcomes: no rows")
+
+    cell_keys = list(dict.fromkeys(zip(pairs["corruption"], pairs["severity"].astype(int))))
+    units, unit_index = np.unique(image_units(pairs["image_id"]), return_inverse=True)
+    cell_lookup = {cell: i for i, cell in enumerate(cell_keys)}
+    cell_index = np.array([cell_lookup[k] for k in zip(pairs["corruption"], pairs["severity"].astype(int))])
+    n_units, n_cells = len(units), len(cell_keys)
+
+    model = pairs["model_correct"].to_numpy(dtype=float)
+    base = pairs["baseline_correct"].to_numpy(dtype=float)
+    present = np.zeros((n_units, n_cells))
+    difference = np.zeros((n_units, n_cells))
+    present[unit_index, cell_index] = 1.0
+    difference[unit_index, cell_index] = model - base
+    count = present.sum(axis=0)
+    model_acc = np.bincount(cell_index, model, minlength=n_cells) / count
+    base_acc = np.bincount(cell_index, base, minlength=n_cells) / count
+
+    rows, weights = _row_weights(cell_keys)
+    point = difference.sum(axis=0) / count @ weights.T
+
+    # bootstrap: per replicate, a count of how often each image was drawn; cell means follow by
+    # matrix products, in chunks that keep the count matrix to about 32 MB
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_boot, 4_000_000 // max(1, n_units)))
+    replicates = np.empty((n_boot, len(rows)))
+    done = 0
+    while done < n_boot:
+        size = min(chunk, n_boot - done)
+        draws = rng.integers(0, n_units, size=(size, n_units))
+        draws += np.arange(size)[:, None] * n_units
+        counts = np.bincount(draws.ravel(), minlength=size * n_units).reshape(size, n_units).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cell_means = (counts @ difference) / (counts @ present)
+        replicates[done : done + size] = cell_means @ weights.T  # NaN where a cell drew no image
+        done += size
+    tail = 100.0 * (1.0 - float(level)) / 2.0
+    with np.errstate(invalid="ignore"):
+        finite = ~np.isnan(replicates)
+    low = np.full(len(rows), np.nan)
+    high = np.full(len(rows), np.nan)
+    for r in range(len(rows)):
+        values = replicates[finite[:, r], r]
+        if values.size:
+            low[r], high[r] = np.percentile(values, [tail, 100.0 - tail])
+
+    out = []
+    for r, row in enumerate(rows):
+        member = weights[r] > 0
+        row_weight = present[:, member] @ weights[r, member]
+        seen = row_weight > 0
+        per_image = (difference[:, member] @ weights[r, member])[seen] / row_weight[seen]
+        test = sign_test(per_image)
+        out.append({
+            **row,
+            "images": int(seen.sum()),
+            "model_top1": 100.0 * float(model_acc @ weights[r]),
+            "baseline_top1": 100.0 * float(base_acc @ weights[r]),
+            "delta_top1": 100.0 * float(point[r]),
+            "ci_low": 100.0 * float(low[r]),
+            "ci_high": 100.0 * float(high[r]),
+            "n_better": test.n_positive,
+            "n_worse": test.n_negative,
+            "p_value": test.p_value,
+        })
+    return pd.DataFrame(out)

@@ -124,6 +124,33 @@ class ResultsStore:
         except sqlite3.DatabaseError as exc:
             raise DynrobustError(f"{self.path} is not a dynrobust results store ({exc})") from None
 
+    @classmethod
+    def open_existing(cls, path) -> "ResultsStore":
+        """Open an existing store read-only (for reports): a ``.sqlite`` file, or a folder holding
+        ``results.sqlite``. Nothing is created or written. Raises DynrobustError when the path is
+        missing, is not a results store, or was written by another schema version.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / STORE_NAME
+        if not path.is_file():
+            raise DynrobustError(f"no results store at {path}")
+        store = cls.__new__(cls)
+        store.folder, store.path = path.parent, path
+        try:
+            store.db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+            tables = {row[0] for row in store.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not {"meta", "runs", "records", "bad_images"} <= tables:
+                store.db.close()
+                raise DynrobustError(f"{path} is an SQLite file but not a dynrobust results store")
+            found = store.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise DynrobustError(f"{path} is not a dynrobust results store ({exc})") from None
+        if found is None or int(found[0]) != SCHEMA_VERSION:
+            store.db.close()
+            raise DynrobustError(f"{path} was written by another dynrobust version (schema {found and found[0]})")
+        return store
+
     def __enter__(self):
         return self
 
@@ -248,6 +275,16 @@ class ResultsStore:
             query += " WHERE r.run_id=?"
             params = (run_id,)
         return pd.read_sql_query(query + " ORDER BY r.run_id, r.corruption, r.severity, r.image_id", self.db, params=params)
+
+    def outcomes(self, run_id: int) -> pd.DataFrame:
+        """Per-image outcomes of one run, without the predictions: corruption, severity, image_id,
+        label, correct1, correct5 (0/1); a lighter :meth:`records` for statistics over many images."""
+        return pd.read_sql_query(
+            "SELECT corruption, severity, image_id, label, correct1, correct5 FROM records WHERE run_id=?"
+            " ORDER BY corruption, severity, image_id",
+            self.db,
+            params=(run_id,),
+        )
 
     def bad_images(self, run_id: int | None = None) -> pd.DataFrame:
         """Images that could not be decoded, with the reason."""

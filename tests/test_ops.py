@@ -128,6 +128,27 @@ def test_involution_native_matches_reference_forward_and_backward(built, k, dila
         assert _max_diff(got, want) < 1e-12
 
 
+@pytest.mark.parametrize("channels,head", [(128, 1), (128, 2), (192, 4), (96, 3), (72, 9)])
+def test_channel_blocks_of_the_nhwc_kernels(built, channels, head):
+    # 64-channel blocks with 64, 16 or 8 channels per spatial weight (templated paths), the generic
+    # path (96 / 3 = 32 per head crosses no block, 72 / 9 = 8) and a partial last block.
+    x, cf, sf = _ddf_inputs(2, channels, 7, 6, 3, 1, head, channels_last=True)
+    inputs = [t.requires_grad_() for t in (x, cf, sf)]
+    out = ops.ddf(*inputs, 3, head=head)
+    ref = ddf_reference(*inputs, 3, 1, 1, "mul", head)
+    assert _max_diff(out, ref) < 1e-12
+    for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
+        assert _max_diff(got, want) < 1e-12
+    xi, kernel = _involution_inputs(2, channels, 7, 6, 3, 2, channels // 16 if channels % 16 == 0 else head,
+                                    channels_last=True)
+    inputs = [xi.requires_grad_(), kernel.requires_grad_()]
+    out = ops.involution(*inputs, 3, 1, 2)
+    ref = involution_reference(*inputs, 3, 1, 2)
+    assert _max_diff(out, ref) < 1e-12
+    for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
+        assert _max_diff(got, want) < 1e-12
+
+
 def test_float32_large_channels_and_odd_sizes(built):
     # Channel counts beyond one 64-channel block of the NHWC kernel, not a multiple of it.
     for channels_last in (False, True):

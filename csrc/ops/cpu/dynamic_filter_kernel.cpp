@@ -9,6 +9,7 @@
 #include <ATen/OpMathType.h>
 
 #include <mutex>
+#include <numeric>
 #include <vector>
 
 #include "../dynamic_filter.h"
@@ -150,15 +151,52 @@ void backward_spatial_nchw(const scalar_t* GO, const scalar_t* X, const scalar_t
 // X (B, H, W, C), SF (B, OH, OW, G*KK), CFT = channel filter transposed to (B, KK, C).
 
 // Channels are processed in blocks of kBlock whose accumulators stay in registers over all taps,
-// so each output value is written once instead of once per tap.
+// so each output value is written once instead of once per tap. Within a block, every run of kSeg
+// channels (kSeg = gcd(channels per group, kBlock), a template constant) shares one spatial weight;
+// constant trip counts let the compiler unroll and keep the accumulators in vector registers.
 constexpr int64_t kBlock = 64;
 
-template <typename scalar_t, Combine mode>
+// acc[0, n) += src[c] * W(c) for the channels c0 + [0, n) of one tap; sw points at the tap's spatial
+// weight of group 0 (group g's is sw[g * KK]); cft at the tap's channel weights (+ c0), or null.
+template <typename scalar_t, Combine mode, int64_t kSeg>
+inline void accumulate_block(scalar_t* acc, const scalar_t* src, const scalar_t* cft, const scalar_t* sw,
+                             int64_t c0, int64_t n, int64_t cpg, int64_t KK) {
+  if (kSeg > 1 && n == kBlock) {
+    for (int64_t seg = 0; seg < kBlock / kSeg; ++seg) {
+      const scalar_t w = sw[((c0 + seg * kSeg) / cpg) * KK];
+      scalar_t* a = acc + seg * kSeg;
+      const scalar_t* v = src + seg * kSeg;
+      if constexpr (mode == Combine::kSpatialOnly) {
+#pragma omp simd
+        for (int64_t c = 0; c < kSeg; ++c) a[c] += v[c] * w;
+      } else {
+        const scalar_t* cw = cft + seg * kSeg;
+#pragma omp simd
+        for (int64_t c = 0; c < kSeg; ++c) a[c] += v[c] * combine<mode>(cw[c], w);
+      }
+    }
+    return;
+  }
+  for (int64_t a = 0; a < n;) {  // any block: runs of channels that share a group's spatial weight
+    const int64_t grp = (c0 + a) / cpg, e = std::min(n, (grp + 1) * cpg - c0);
+    const scalar_t w = sw[grp * KK];
+    if constexpr (mode == Combine::kSpatialOnly) {
+#pragma omp simd
+      for (int64_t c = a; c < e; ++c) acc[c] += src[c] * w;
+    } else {
+#pragma omp simd
+      for (int64_t c = a; c < e; ++c) acc[c] += src[c] * combine<mode>(cft[c], w);
+    }
+    a = e;
+  }
+}
+
+template <typename scalar_t, Combine mode, int64_t kSeg>
 void forward_nhwc(const scalar_t* X, const scalar_t* CFT, const scalar_t* SF, scalar_t* out, const FilterGeometry& g) {
   const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
   const int64_t KK = g.taps(), G = g.groups, cpg = g.channels_per_group(), r = g.radius(), s = g.stride;
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
-    // offset of each (output pixel, tap)'s input pixel in the row, -1 outside the image
+    // offset of each (output pixel, tap)'s input pixel, -1 outside the image
     std::vector<int64_t> tap_offset(OW * KK);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
@@ -173,24 +211,12 @@ void forward_nhwc(const scalar_t* X, const scalar_t* CFT, const scalar_t* SF, sc
         const int64_t n = std::min(kBlock, C - c0);
         for (int64_t x = 0; x < OW; ++x) {
           const scalar_t* sfv = SF + (row * OW + x) * G * KK;
-          scalar_t acc[kBlock] = {};
+          alignas(64) scalar_t acc[kBlock] = {};
           for (int64_t t = 0; t < KK; ++t) {
             const int64_t offset = tap_offset[x * KK + t];
             if (offset < 0) continue;
-            const scalar_t* xv = X + offset + c0;
             const scalar_t* cft = mode == Combine::kSpatialOnly ? nullptr : CFT + (b * KK + t) * C + c0;
-            for (int64_t a = 0; a < n;) {  // segments of the block that share a group's spatial weight
-              const int64_t grp = (c0 + a) / cpg, e = std::min(n, (grp + 1) * cpg - c0);
-              const scalar_t sw = sfv[grp * KK + t];
-              if constexpr (mode == Combine::kSpatialOnly) {
-#pragma omp simd
-                for (int64_t c = a; c < e; ++c) acc[c] += xv[c] * sw;
-              } else {
-#pragma omp simd
-                for (int64_t c = a; c < e; ++c) acc[c] += xv[c] * combine<mode>(cft[c], sw);
-              }
-              a = e;
-            }
+            accumulate_block<scalar_t, mode, kSeg>(acc, X + offset + c0, cft, sfv + t, c0, n, cpg, KK);
           }
           std::copy(acc, acc + n, out + (row * OW + x) * C + c0);
         }
@@ -199,37 +225,36 @@ void forward_nhwc(const scalar_t* X, const scalar_t* CFT, const scalar_t* SF, sc
   });
 }
 
-// grad_x by gathering, one task per input row.
-template <typename scalar_t, Combine mode>
+// grad_x by gathering (no write conflicts), one task per input row; blocked like the forward.
+template <typename scalar_t, Combine mode, int64_t kSeg>
 void backward_input_nhwc(const scalar_t* GO, const scalar_t* CFT, const scalar_t* SF, scalar_t* GX,
                          const FilterGeometry& g) {
   const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
   const int64_t KK = g.taps(), G = g.groups, cpg = g.channels_per_group(), r = g.radius(), s = g.stride;
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
+    // output pixel reading input (iy, ix) through each tap, -1 if none
+    std::vector<int64_t> source(W * KK);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / H, iy = row % H;
       for (int64_t ix = 0; ix < W; ++ix) {
-        scalar_t* gx = GX + (row * W + ix) * C;
-        std::fill(gx, gx + C, scalar_t(0));
         for (int64_t t = 0; t < KK; ++t) {
           const int64_t ny = iy - (t / K - r) * g.dilation, nx = ix - (t % K - r) * g.dilation;
-          if (ny < 0 || nx < 0 || ny % s || nx % s) continue;
-          const int64_t y = ny / s, x = nx / s;
-          if (y >= OH || x >= OW) continue;
-          const scalar_t* gov = GO + ((b * OH + y) * OW + x) * C;
-          const scalar_t* sfv = SF + ((b * OH + y) * OW + x) * G * KK;
-          const scalar_t* cft = mode == Combine::kSpatialOnly ? nullptr : CFT + (b * KK + t) * C;
-          for (int64_t grp = 0; grp < G; ++grp) {
-            const scalar_t sw = sfv[grp * KK + t];
-            const int64_t c0 = grp * cpg, c1 = c0 + cpg;
-            if constexpr (mode == Combine::kSpatialOnly) {
-#pragma omp simd
-              for (int64_t c = c0; c < c1; ++c) gx[c] += gov[c] * sw;
-            } else {
-#pragma omp simd
-              for (int64_t c = c0; c < c1; ++c) gx[c] += gov[c] * combine<mode>(cft[c], sw);
-            }
+          const bool hit = ny >= 0 && nx >= 0 && ny % s == 0 && nx % s == 0 && ny / s < OH && nx / s < OW;
+          source[ix * KK + t] = hit ? (b * OH + ny / s) * OW + nx / s : -1;
+        }
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t n = std::min(kBlock, C - c0);
+        for (int64_t ix = 0; ix < W; ++ix) {
+          alignas(64) scalar_t acc[kBlock] = {};
+          for (int64_t t = 0; t < KK; ++t) {
+            const int64_t pixel = source[ix * KK + t];
+            if (pixel < 0) continue;
+            const scalar_t* cft = mode == Combine::kSpatialOnly ? nullptr : CFT + (b * KK + t) * C + c0;
+            accumulate_block<scalar_t, mode, kSeg>(acc, GO + pixel * C + c0, cft, SF + pixel * G * KK + t, c0, n,
+                                                   cpg, KK);
           }
+          std::copy(acc, acc + n, GX + (row * W + ix) * C + c0);
         }
       }
     }
@@ -322,6 +347,18 @@ void dispatch_mode(Combine mode, F&& f) {
   }
 }
 
+// The run length kSeg of channels sharing a spatial weight inside a kBlock block: gcd(cpg, kBlock),
+// specialised for 64 (DDF, one head), 16 (involution's 16 channels per group) and 8; 1 = generic.
+template <typename F>
+void dispatch_segment(const FilterGeometry& g, F&& f) {
+  const int64_t seg = std::gcd(g.channels_per_group(), kBlock);
+  if (seg == 64) f(std::integral_constant<int64_t, 64>{});
+  else if (seg == 32) f(std::integral_constant<int64_t, 32>{});
+  else if (seg == 16) f(std::integral_constant<int64_t, 16>{});
+  else if (seg == 8) f(std::integral_constant<int64_t, 8>{});
+  else f(std::integral_constant<int64_t, 1>{});
+}
+
 // half / bfloat16 run in float32 on the CPU.
 at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -353,8 +390,10 @@ at::Tensor dynamic_filter_forward_cpu(const at::Tensor& x_in, const c10::optiona
     const scalar_t* cfp = cf.defined() ? cf.const_data_ptr<scalar_t>() : nullptr;
     dispatch_mode(mode, [&](auto m) {
       if (nhwc)
-        forward_nhwc<scalar_t, decltype(m)::value>(x.const_data_ptr<scalar_t>(), cfp, sf.const_data_ptr<scalar_t>(),
-                                                    out.mutable_data_ptr<scalar_t>(), g);
+        dispatch_segment(g, [&](auto seg) {
+          forward_nhwc<scalar_t, decltype(m)::value, decltype(seg)::value>(
+              x.const_data_ptr<scalar_t>(), cfp, sf.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g);
+        });
       else
         forward_nchw<scalar_t, decltype(m)::value>(x.const_data_ptr<scalar_t>(), cfp, sf.const_data_ptr<scalar_t>(),
                                                     out.mutable_data_ptr<scalar_t>(), g);
@@ -393,8 +432,11 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
         at::Tensor gcft = has_cf ? at::zeros({g.batch, g.taps(), g.channels}, x.options().dtype(
                                                                                    c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value))
                                  : at::Tensor();
-        backward_input_nhwc<scalar_t, M>(go.const_data_ptr<scalar_t>(), cfp, sf.const_data_ptr<scalar_t>(),
-                                         gx.mutable_data_ptr<scalar_t>(), g);
+        dispatch_segment(g, [&](auto seg) {
+          backward_input_nhwc<scalar_t, M, decltype(seg)::value>(go.const_data_ptr<scalar_t>(), cfp,
+                                                                 sf.const_data_ptr<scalar_t>(),
+                                                                 gx.mutable_data_ptr<scalar_t>(), g);
+        });
         backward_filters_nhwc<scalar_t, M>(go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), cfp,
                                            sf.const_data_ptr<scalar_t>(), gsf.mutable_data_ptr<scalar_t>(),
                                            has_cf ? gcft.mutable_data_ptr<at::opmath_type<scalar_t>>() : nullptr, g);

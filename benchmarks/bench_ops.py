@@ -1,0 +1,192 @@
+"""DDF and involution: native kernels vs the pure-PyTorch reference vs a depthwise convolution of the
+same kernel size (channels_last), time and peak memory, forward and forward + backward, side by side.
+
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--ops ddf,involution] [--shapes paper,r50]
+                                   [--repeats 5] [--no-reference] [--no-memory]
+
+Shapes: ``paper`` is the DDF paper's Table 2 input, 2x256x200x300 (k=3 for DDF, 7 for involution);
+``r50`` the inputs of the ResNet-50 3x3 convolutions at batch 32: 32x64x56x56, 32x128x28x28,
+32x256x14x14, 32x512x7x7. DDF: k=3, head 1, 'mul' (DDF-ResNet); involution: k=7, groups C/16 (RedNet).
+
+Time: the median of ``--repeats`` runs after one warm-up, the three implementations interleaved in
+each round so that the machine's load hits them alike. Backward time = median(forward + backward)
+- median(forward).
+
+Peak memory: what the call allocates beyond its inputs (the output, saved tensors and workspace),
+and in brackets the total including the inputs. CUDA: from torch.cuda.max_memory_allocated. CPU:
+each measurement runs in a fresh subprocess and reads the peak resident set size (ru_maxrss)
+before and after the call, so it sees every allocation, oneDNN's included.
+
+Targets (operators issue): native forward within 1.5x of the depthwise conv's time and within 1.2x
+of its peak memory; native backward within 3x of its forward. Not part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+PAPER = [(2, 256, 200, 300)]
+R50 = [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)]
+KERNEL = {"ddf": 3, "involution": 7}
+IMPLS = ("native", "reference", "dwconv")
+
+
+def make_inputs(op, shape, device, requires_grad=False, seed=0):
+    """The op's inputs (channels_last) and the depthwise conv's weight, as a dict of tensors."""
+    b, c, h, w = shape
+    k = KERNEL[op]
+    gen = torch.Generator().manual_seed(seed)
+    cl = torch.channels_last
+    x = torch.randn(shape, generator=gen).contiguous(memory_format=cl)
+    t = {"x": x, "weight": torch.randn(c, 1, k, k, generator=gen)}
+    if op == "ddf":
+        t["channel_filter"] = torch.randn(b, c, k, k, generator=gen)
+        t["spatial_filter"] = torch.randn(b, k * k, h, w, generator=gen).contiguous(memory_format=cl)
+    else:
+        # as RedNet makes it: a 1x1 conv's channels_last output (B, G*k*k, H, W) viewed as 5-D
+        t["kernel"] = torch.randn(b, c // 16 * k * k, h, w, generator=gen).contiguous(memory_format=cl).view(
+            b, c // 16, k * k, h, w)
+    return {name: v.to(device).requires_grad_(requires_grad) for name, v in t.items()}
+
+
+def run(op, impl, t):
+    from robustbench_dyn import ops
+
+    k = KERNEL[op]
+    if impl == "dwconv":
+        return F.conv2d(t["x"], t["weight"], padding=k // 2, groups=t["x"].shape[1])
+    if op == "ddf":
+        args = (t["x"], t["channel_filter"], t["spatial_filter"], k)
+        return ops.ddf(*args) if impl == "native" else ops.ddf_reference(*args)
+    args = (t["x"], t["kernel"], k)
+    return ops.involution(*args) if impl == "native" else ops.involution_reference(*args)
+
+
+def _grad_inputs(op, impl, t):
+    if impl == "dwconv":
+        return [t["x"], t["weight"]]
+    return [t["x"], t["channel_filter"], t["spatial_filter"]] if op == "ddf" else [t["x"], t["kernel"]]
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(op, impl, t, device, backward):
+    _sync(device)
+    start = time.perf_counter()
+    if backward:
+        out = run(op, impl, t)
+        torch.autograd.grad(out, _grad_inputs(op, impl, t), torch.ones_like(out))
+    else:
+        with torch.no_grad():
+            run(op, impl, t)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_memory(op, impl, shape, device, backward):
+    """(extra bytes, total bytes) of one call: peak minus inputs, and peak."""
+    if device == "cuda":
+        t = make_inputs(op, shape, device, requires_grad=backward)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        time_call(op, impl, t, device, backward)
+        peak = torch.cuda.max_memory_allocated()
+        return peak - base, peak
+    # CPU: a fresh process, so ru_maxrss is this call's high-water mark
+    code = (f"import sys, json; sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r}); import bench_ops as b; "
+            f"print(json.dumps(b._cpu_memory_child({op!r}, {impl!r}, {tuple(shape)!r}, {backward!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def _cpu_memory_child(op, impl, shape, backward):
+    import resource
+
+    from robustbench_dyn import ops
+
+    if impl == "native":
+        ops.backend_info()  # build/load the kernels before measuring
+    t = make_inputs(op, shape, "cpu", requires_grad=backward)
+    for v in t.values():
+        v.detach().add_(0)  # touch every page
+    input_bytes = sum(v.numel() * v.element_size() for name, v in t.items() if name != "weight" or impl == "dwconv")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    time_call(op, impl, t, "cpu", backward)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return after - before, after - before + input_bytes
+
+
+def main():
+    from robustbench_dyn import ops
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--ops", default="ddf,involution")
+    parser.add_argument("--shapes", default="paper,r50")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
+    parser.add_argument("--no-memory", action="store_true")
+    args = parser.parse_args()
+    device = args.device
+    info = ops.backend_info()
+    if info.for_device(device) != "native":
+        sys.exit(f"the native ops are not active for {device}: {info}")
+    shapes = {"paper": PAPER, "r50": R50}
+    impls = [i for i in IMPLS if not (args.no_reference and i == "reference")]
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, " \
+        f"{torch.get_num_threads()} threads"
+    print(f"# {where}; torch {torch.__version__}; float32, channels_last; median of {args.repeats}")
+    header = f"{'op':<10} {'shape':<18} {'pass':<8}" + "".join(f"{i + ' ms':>14}" for i in impls) + \
+        f"{'native/dw':>11}" + ("" if args.no_memory else "".join(f"{i + ' MB':>20}" for i in impls) + f"{'mem n/dw':>10}")
+    print(header)
+    summary = []
+    for op in args.ops.split(","):
+        for group in args.shapes.split(","):
+            for shape in shapes[group]:
+                times = {}
+                for backward in (False, True):
+                    t = {impl: make_inputs(op, shape, device, requires_grad=backward) for impl in impls}
+                    runs = {impl: [] for impl in impls}
+                    for impl in impls:
+                        time_call(op, impl, t[impl], device, backward)  # warm-up
+                    for _ in range(args.repeats):
+                        for impl in impls:
+                            runs[impl].append(time_call(op, impl, t[impl], device, backward))
+                    del t
+                    med = {impl: statistics.median(v) * 1e3 for impl, v in runs.items()}
+                    times[backward] = med
+                    name = "fwd+bwd" if backward else "forward"
+                    line = f"{op:<10} {'x'.join(map(str, shape)):<18} {name:<8}" + "".join(
+                        f"{med[i]:>14.2f}" for i in impls) + f"{med['native'] / med['dwconv']:>10.2f}x"
+                    if not args.no_memory:
+                        mem = {i: measure_memory(op, i, shape, device, backward) for i in impls}
+                        line += "".join(f"{mem[i][0] / 2**20:>9.1f} ({mem[i][1] / 2**20:>7.1f})" for i in impls)
+                        line += f"{mem['native'][0] / max(mem['dwconv'][0], 1):>9.2f}x"
+                        if not backward:
+                            summary.append((op, shape, "memory", mem["native"][0] / max(mem["dwconv"][0], 1)))
+                    print(line, flush=True)
+                fwd, both = times[False]["native"], times[True]["native"]
+                summary.append((op, shape, "time", fwd / times[False]["dwconv"]))
+                summary.append((op, shape, "backward/forward", (both - fwd) / fwd))
+    print("\n# targets: forward time <= 1.5x dwconv, forward memory <= 1.2x dwconv, backward <= 3x forward")
+    for op, shape, what, ratio in summary:
+        target = {"time": 1.5, "memory": 1.2, "backward/forward": 3.0}[what]
+        print(f"{op:<10} {'x'.join(map(str, shape)):<18} {what:<17} {ratio:6.2f}x  "
+              f"{'met' if ratio <= target else 'MISSED'} (target {target}x)")
+
+
+if __name__ == "__main__":
+    main()

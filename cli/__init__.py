@@ -49,6 +49,11 @@ def _register_commands():
     app.add_command(report.report_command)
     app.add_command(features.features_command)
 
+    from robustbench_dyn.cli import models, profile
+
+    app.add_command(models.models_command)
+    app.add_command(profile.profile_command)
+
 
 _register_commands()
 

@@ -17,7 +17,7 @@ def ops_group():
 
 
 def _toolchain() -> dict:
-    from torch.utils import cpp_extension
+    cpp_extension = native._cpp_extension()
 
     return {
         "ninja": cpp_extension.is_ninja_available(),

@@ -22,6 +22,7 @@ from robustbench_dyn.data import build_imagenet_c as imagenet_c_recipe
 from robustbench_dyn.data.images import decode_jpeg, encode_jpeg, load_rgb, resize_center_crop
 from robustbench_dyn.data.imagenet import labelled_images, locate_imagenet_c
 from robustbench_dyn.errors import BadImageError, DynrobustError
+from robustbench_dyn.profile import to_channels_last
 from robustbench_dyn.progress import progress_bar
 from robustbench_dyn.store import CLEAN, ResultsStore, RunIdentity
 
@@ -153,9 +154,9 @@ def plan_cells(imagenet_c, imagenet_val, on_the_fly, corruptions, severities, li
     return cells
 
 
-def _ops_backend() -> str:
-    """What the runs table records as the ops backend: which implementation of DDF/involution ran."""
-    used = ops.backends_used()
+def _ops_backend(used: dict) -> str:
+    """What the runs table records as the ops backend: which implementation of DDF/involution ran
+    (``used``: from :func:`robustbench_dyn.ops.record_backends`)."""
     if not used:
         return "none (no dynamic ops ran)"
     return ", ".join(f"{name} ({device})" for device, name in sorted(used.items()))
@@ -203,7 +204,7 @@ def evaluate(
     model = create_model(model_name, weights=weights)
     model.eval().to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)  # model.to(memory_format=...) refuses ODConv's 5-D kernels
     cells = plan_cells(imagenet_c, imagenet_val, on_the_fly, corruptions, severities, limit)
 
     notes = []
@@ -232,7 +233,7 @@ def evaluate(
     std = torch.tensor(config.std, device=device).view(1, 3, 1, 1) * 255
 
     run_context = {
-        "ops_backend": _ops_backend(),
+        "ops_backend": _ops_backend({}),
         "torch_version": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "options": {"batch_size": batch_size, "amp": amp, "channels_last": channels_last, "limit": limit},
@@ -268,6 +269,8 @@ def evaluate(
             enabled=amp,
         )
         bar = progress_bar(total=len(items), desc=model_name, unit="img", enabled=progress)
+        recording = ops.record_backends()
+        ops_used = recording.__enter__()
         try:
             for (cell, _), (indices, pixels, bad) in zip(units, loader):
                 bar.set_postfix_str(f"{cell.corruption}/{cell.severity}" if cell.severity else cell.corruption, refresh=False)
@@ -284,9 +287,9 @@ def evaluate(
                         image = items[i][1]
                         records.append((image.image_id, image.label, predicted))
                 bad_rows = [(items[i][1].image_id, str(items[i][1].path), reason) for i, reason in bad]
-                if records and run_context["ops_backend"] != _ops_backend():
+                if records and run_context["ops_backend"] != _ops_backend(ops_used):
                     # the first batch through a dynamic model shows which ops backend ran
-                    run_context["ops_backend"] = _ops_backend()
+                    run_context["ops_backend"] = _ops_backend(ops_used)
                     store.open_run(identity, None if weights is None else str(weights), run_context)
                 store.commit_batch(run_id, cell.corruption, cell.severity, records, bad_rows)
                 summary.images_evaluated += len(records)
@@ -297,6 +300,7 @@ def evaluate(
                         f"{summary.images_evaluated} images evaluated so far are saved in {store.path}"
                     )
         finally:
+            recording.__exit__(None, None, None)
             bar.close()
         store.mark_finished(run_id)
         wanted = {(c.corruption, c.severity) for c in cells}

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from robustbench_dyn.data.images import resize_center_crop
 from robustbench_dyn.sample import sample_images
@@ -22,3 +23,14 @@ def reference():
 @pytest.fixture()
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module. Tiny inputs are overhead-bound; two OpenMP threads on a
+    busy 2-core machine ran the model forward/backward tests ~10x slower than one (spin-waiting
+    threads get preempted)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,7 +1,6 @@
 """`dynrobust eval` end to end on small ImageNet-C trees made from the bundled photos."""
 
 import json
-import os
 import shutil
 import signal
 import sqlite3
@@ -10,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -19,6 +17,7 @@ from robustbench_dyn.cli import app
 from robustbench_dyn.data.build_imagenet_c import build_imagenet_c
 from robustbench_dyn.data.images import load_rgb, resize_center_crop
 from robustbench_dyn.data.imagenet import imagenet_wnids
+from robustbench_dyn.evaluate import evaluate
 from robustbench_dyn.models import create_model, model_config
 from robustbench_dyn.sample import write_sample_dataset
 from robustbench_dyn.store import ResultsStore
@@ -260,3 +259,16 @@ def test_amp_and_channels_last_run_on_cpu(data, tmp_path):
     assert fp32[["corruption", "severity", "image_id", "label"]].equals(amp[["corruption", "severity", "image_id", "label"]])
     with ResultsStore(tmp_path / "amp") as store:
         assert json.loads(store.runs().options.iloc[0])["amp"] is True
+
+
+def test_the_ops_backend_that_ran_is_recorded(tmp_path):
+    # A static model records that no dynamic op ran; RedNet records the backend its involutions used.
+    from robustbench_dyn import ops
+
+    clean = write_sample_dataset(tmp_path / "clean")
+    for model, expected in (("resnet18", "none (no dynamic ops ran)"),
+                            ("rednet26", f"{ops.backend_info().name} (cpu)")):
+        evaluate(model, imagenet_val=clean, on_the_fly=True, corruptions="gaussian_noise", severities="1",
+                 limit=1, batch_size=1, out=tmp_path / model, progress=False)
+        with sqlite3.connect(tmp_path / model / "results.sqlite") as db:
+            assert db.execute("SELECT ops_backend FROM runs").fetchall() == [(expected,)]

@@ -14,9 +14,21 @@
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
+
 namespace dynrobust {
 
 enum class Combine : int { kMul = 0, kAdd = 1, kSpatialOnly = 2 };
+
+// Calls f with the combination as a compile-time constant (std::integral_constant).
+template <typename F>
+void dispatch_mode(Combine mode, F&& f) {
+  switch (mode) {
+    case Combine::kMul: f(std::integral_constant<Combine, Combine::kMul>{}); break;
+    case Combine::kAdd: f(std::integral_constant<Combine, Combine::kAdd>{}); break;
+    case Combine::kSpatialOnly: f(std::integral_constant<Combine, Combine::kSpatialOnly>{}); break;
+  }
+}
 
 struct FilterGeometry {
   int64_t batch, channels, height, width;   // input X

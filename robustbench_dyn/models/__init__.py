@@ -19,6 +19,8 @@ from robustbench_dyn.models.registry import (
 
 # Family files: imported for their registrations. Add each new family here.
 from robustbench_dyn.models import resnet  # noqa: E402,F401  isort: skip
+from robustbench_dyn.models import ddf_resnet, rednet, binet  # noqa: E402,F401  isort: skip
+from robustbench_dyn.models import dcdc, odconv  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "ModelConfig",

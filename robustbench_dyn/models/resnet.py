@@ -9,17 +9,77 @@ Depths 26 and 38 exist only as baselines in the dynamic-convolution papers (Bi-v
 DCDC Table I). They use RedNet's depth settings (involution paper, d-li14/involution ``rednet.py``):
 26 = (1, 2, 4, 1) and 38 = (2, 3, 5, 2) bottlenecks, with torchvision's stem and blocks. That gives
 13.70M and 19.63M parameters, the papers' 13.7M and 19.6M.
+
+The skeleton is shared: :class:`ResNet` is torchvision's class (its parameter names, its
+initialisation) with an optional family ``stem`` in place of ``conv1``/``bn1``/``relu``, and
+:func:`block_with_options` binds a family's block options (the DDF, involution and Bi-volution
+bottlenecks replace ``conv2``, the spatial 3x3, and keep every other name).
 """
 
 from __future__ import annotations
 
-from typing import Union
+import functools
+from typing import Callable, Optional, Union
 
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+import torch
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from robustbench_dyn.models.registry import register_model
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "block_with_options"]
+
+
+class ResNet(tv_resnet.ResNet):
+    """torchvision's ResNet, whose parameter names every family keeps, with an optional stem.
+
+    Without ``stem`` this is exactly torchvision's model (``conv1``, ``bn1``, ``relu``, ``maxpool``,
+    ``layer1``-``layer4``, ``fc``). With ``stem`` (a module taking the RGB image to 64 channels at
+    stride 2, e.g. RedNet's involution stem) that module, registered as ``stem``, replaces
+    ``conv1``/``bn1``/``relu``; the max-pool and everything after it are unchanged.
+    ``block`` may carry bound options (:func:`block_with_options`). Every other argument is
+    torchvision's. The initialisation is torchvision's for every module, the stem's included.
+    """
+
+    def __init__(self, block, layers, *args, stem: Optional[nn.Module] = None, **kwargs):
+        super().__init__(block, layers, *args, **kwargs)
+        if stem is not None:
+            del self.conv1, self.bn1, self.relu
+            # Registered first, so that printing and state_dict() follow the forward order.
+            later = {name: getattr(self, name) for name in list(self._modules)}
+            for name in later:
+                delattr(self, name)
+            self.stem = stem
+            for name, module in later.items():
+                setattr(self, name, module)
+            for module in stem.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+                    nn.init.constant_(module.weight, 1)
+                    nn.init.constant_(module.bias, 0)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        if "stem" in self._modules:
+            x = self.stem(x)
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def block_with_options(block: type[nn.Module], **options) -> Callable[..., nn.Module]:
+    """``block`` with keyword ``options`` bound, usable as :class:`ResNet`'s ``block``.
+
+    torchvision's ResNet calls ``block(inplanes, planes, stride, downsample, groups, base_width,
+    dilation, norm_layer)`` and reads ``block.expansion``; the returned factory passes ``options``
+    on as keywords and carries the class's ``expansion``.
+    """
+    factory = functools.partial(block, **options)
+    factory.expansion = block.expansion
+    return factory
 
 
 def _create_resnet(

@@ -18,7 +18,7 @@ from robustbench_dyn.ops.native import OpsBuildError, backend_for
 from robustbench_dyn.ops.reference import ddf_reference, involution_reference
 
 __all__ = ["ddf", "involution", "ddf_reference", "involution_reference", "ddf_macs", "involution_macs",
-           "count_macs", "backend_info", "backends_used", "BackendInfo", "OpsBuildError"]
+           "count_macs", "backend_info", "record_backends", "BackendInfo", "OpsBuildError"]
 
 # Active MAC counters (see count_macs): the dynamic ops are invisible to torch.utils.flop_counter.
 _MAC_COUNTERS: list = []
@@ -60,22 +60,40 @@ def _common_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-@torch.compiler.assume_constant_result
 def _use_native(device_type: str) -> bool:
     # Decided once per process (it may compile the kernels); torch.compile runs it while tracing
-    # and keeps the answer as a constant.
-    choice = backend_for(device_type)
-    _USED[device_type] = choice.name
-    return choice.name == "native"
+    # and keeps the answer as a constant (marked below).
+    return backend_for(device_type).name == "native"
 
 
-_USED: dict[str, str] = {}
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo (1.3 s) at
+# import time; tests/test_ops.py's torch.compile test fails if a torch release changes this.
+_use_native._dynamo_marked_constant = True
 
 
-def backends_used() -> dict[str, str]:
-    """The backend each device type's dynamic-op calls have used in this process so far,
-    e.g. ``{'cpu': 'native'}``; empty if no DDF or involution has run (a static model)."""
-    return dict(_USED)
+_BACKEND_RECORDERS: list = []
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Record which backend the dynamic ops called inside the block ran on, per device type.
+
+    Yields a dict that fills as ops run, e.g. ``{'cpu': 'native'}``; it stays empty for a model
+    without DDF or involution. (Under ``torch.compile`` only the call that traces is seen.)
+    """
+    seen: dict[str, str] = {}
+    _BACKEND_RECORDERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _BACKEND_RECORDERS.remove(seen)
+
+
+def _run_native(device_type: str) -> bool:
+    native = _use_native(device_type)
+    for seen in _BACKEND_RECORDERS:
+        seen[device_type] = "native" if native else "reference"
+    return native
 
 
 def check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation, stride, combine, head):
@@ -130,7 +148,7 @@ def ddf(x: torch.Tensor, channel_filter: torch.Tensor, spatial_filter: torch.Ten
         _count(ddf_macs(spatial_filter.shape[0], x.shape[1], *spatial_filter.shape[-2:], kernel_size))
     dtype = _common_dtype(x, channel_filter, spatial_filter)
     x, channel_filter, spatial_filter = x.to(dtype), channel_filter.to(dtype), spatial_filter.to(dtype)
-    if _use_native(x.device.type):
+    if _run_native(x.device.type):
         return torch.ops.dynrobust.ddf(x, channel_filter, spatial_filter, kernel_size, dilation, stride, combine, head)
     return ddf_reference(x, channel_filter, spatial_filter, kernel_size, dilation, stride, combine, head)
 
@@ -146,7 +164,7 @@ def involution(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, dilation
         _count(involution_macs(x.shape[0], x.shape[1], *kernel.shape[-2:], kernel_size))
     dtype = _common_dtype(x, kernel)
     x, kernel = x.to(dtype), kernel.to(dtype)
-    if _use_native(x.device.type):
+    if _run_native(x.device.type):
         return torch.ops.dynrobust.involution(x, kernel, kernel_size, dilation, stride)
     return involution_reference(x, kernel, kernel_size, dilation, stride)
 

@@ -120,8 +120,23 @@ def _environment(**values: Optional[str]):
                 os.environ[name] = value
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" log line on
+    machines without a GPU (a warning about nothing the user did, on every command)."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _check_toolchain(with_cuda: bool):
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     if not cpp_extension.is_ninja_available():
         raise OpsBuildError("ninja is not installed (pip install ninja); it builds the native ops")
@@ -177,7 +192,7 @@ def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -
 
 
 def _compile(name: str, folder: Path, with_cuda: bool, verbose: bool):
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     root = source_dir()
     sources = [str(root / rel) for rel in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
@@ -235,6 +250,11 @@ def backend_for(device_type: str) -> DeviceBackend:
     requested = requested_backend()
     if requested == "reference":
         choice = DeviceBackend(device_type, "reference", f"{ENV_BACKEND}=reference")
+    elif device_type == "meta":
+        # shapes only, nothing is computed (e.g. counting MACs): not a fallback worth a warning
+        choice = DeviceBackend(device_type, "reference", "meta tensors carry no data")
+        _CHOSEN[device_type] = choice
+        return choice
     elif device_type not in ("cpu", "cuda"):
         if requested == "native":
             raise DynrobustError(f"{ENV_BACKEND}=native: there are no native kernels for {device_type} tensors")
@@ -268,6 +288,6 @@ def backend_for(device_type: str) -> DeviceBackend:
 
 def _cuda_build_wanted() -> bool:
     # A process with a GPU builds one library with both backends (the op names can be registered once).
-    from torch.utils import cpp_extension
-
-    return torch.cuda.is_available() and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if not (torch.cuda.is_available() and torch.version.cuda is not None):
+        return False
+    return _cpp_extension().CUDA_HOME is not None

@@ -338,15 +338,6 @@ bool use_channels_last(const at::Tensor& x) {
   return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
-template <typename F>
-void dispatch_mode(Combine mode, F&& f) {
-  switch (mode) {
-    case Combine::kMul: f(std::integral_constant<Combine, Combine::kMul>{}); break;
-    case Combine::kAdd: f(std::integral_constant<Combine, Combine::kAdd>{}); break;
-    case Combine::kSpatialOnly: f(std::integral_constant<Combine, Combine::kSpatialOnly>{}); break;
-  }
-}
-
 // The run length kSeg of channels sharing a spatial weight inside a kBlock block: gcd(cpg, kBlock),
 // specialised for 64 (DDF, one head), 16 (involution's 16 channels per group) and 8; 1 = generic.
 template <typename F>

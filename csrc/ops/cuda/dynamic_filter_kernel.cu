@@ -149,15 +149,6 @@ Layout make_layout(const FilterGeometry& g, bool nhwc) {
                 g.taps(), g.channels_per_group(), g.radius(), g.dilation, g.stride, nhwc};
 }
 
-template <typename F>
-void dispatch_mode(Combine mode, F&& f) {
-  switch (mode) {
-    case Combine::kMul: f(std::integral_constant<Combine, Combine::kMul>{}); break;
-    case Combine::kAdd: f(std::integral_constant<Combine, Combine::kAdd>{}); break;
-    case Combine::kSpatialOnly: f(std::integral_constant<Combine, Combine::kSpatialOnly>{}); break;
-  }
-}
-
 at::MemoryFormat layout_of(const at::Tensor& x) {
   return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
                                                                       : at::MemoryFormat::Contiguous;

@@ -14,8 +14,9 @@ each round so that the machine's load hits them alike. Backward time = median(fo
 
 Peak memory: what the call allocates beyond its inputs (the output, saved tensors and workspace),
 and in brackets the total including the inputs. CUDA: from torch.cuda.max_memory_allocated. CPU:
-each measurement runs in a fresh subprocess and reads the peak resident set size (ru_maxrss)
-before and after the call, so it sees every allocation, oneDNN's included.
+each measurement runs in a fresh subprocess, resets the peak resident set size (Linux
+/proc/self/clear_refs) once the inputs exist, and reads VmHWM - VmRSS after the call, so it sees
+every allocation, oneDNN's included.
 
 Targets (operators issue): native forward within 1.5x of the depthwise conv's time and within 1.2x
 of its peak memory; native backward within 3x of its forward. Not part of the tests.
@@ -112,9 +113,14 @@ def measure_memory(op, impl, shape, device, backward):
     return tuple(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-def _cpu_memory_child(op, impl, shape, backward):
-    import resource
+def _rss_bytes(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
+
+def _cpu_memory_child(op, impl, shape, backward):
     from robustbench_dyn import ops
 
     if impl == "native":
@@ -123,10 +129,13 @@ def _cpu_memory_child(op, impl, shape, backward):
     for v in t.values():
         v.detach().add_(0)  # touch every page
     input_bytes = sum(v.numel() * v.element_size() for name, v in t.items() if name != "weight" or impl == "dwconv")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # reset the peak (VmHWM) to the current RSS, so that freed temporaries of the set-up do not count
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_bytes("VmRSS")
     time_call(op, impl, t, "cpu", backward)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return after - before, after - before + input_bytes
+    extra = _rss_bytes("VmHWM") - before
+    return extra, extra + input_bytes
 
 
 def main():

@@ -39,7 +39,7 @@ def info_command(fmt):
         "requested": native.requested_backend(),
         "cpu": {"backend": info.name, "reason": info.reason},
         "cuda": ({"backend": info.cuda, "reason": info.cuda_reason} if info.cuda else None),
-        "library": str(next(iter(native._LOADED.values()))) if native._LOADED else None,
+        "library": str(native.loaded_library()) if native.loaded_library() else None,
         "cache_dir": str(native.cache_dir()),
         "sources": str(native.source_dir()),
         "cuda_archs": native.cuda_archs() if torch.version.cuda else None,

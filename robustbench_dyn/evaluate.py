@@ -269,39 +269,37 @@ def evaluate(
             enabled=amp,
         )
         bar = progress_bar(total=len(items), desc=model_name, unit="img", enabled=progress)
-        recording = ops.record_backends()
-        ops_used = recording.__enter__()
-        try:
-            for (cell, _), (indices, pixels, bad) in zip(units, loader):
-                bar.set_postfix_str(f"{cell.corruption}/{cell.severity}" if cell.severity else cell.corruption, refresh=False)
-                records = []
-                if pixels is not None:
-                    x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-                    x = (x - mean) / std
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.inference_mode(), autocast:
-                        logits = model(x)
-                    top5 = logits.float().topk(5, dim=1).indices.cpu().tolist()
-                    for i, predicted in zip(indices, top5):
-                        image = items[i][1]
-                        records.append((image.image_id, image.label, predicted))
-                bad_rows = [(items[i][1].image_id, str(items[i][1].path), reason) for i, reason in bad]
-                if records and run_context["ops_backend"] != _ops_backend(ops_used):
-                    # the first batch through a dynamic model shows which ops backend ran
-                    run_context["ops_backend"] = _ops_backend(ops_used)
-                    store.open_run(identity, None if weights is None else str(weights), run_context)
-                store.commit_batch(run_id, cell.corruption, cell.severity, records, bad_rows)
-                summary.images_evaluated += len(records)
-                bar.update(len(records) + len(bad_rows))
-                if bad_rows and strict:
-                    raise DynrobustError(
-                        f"bad image {bad_rows[0][1]}: {bad_rows[0][2]} (--strict); the "
-                        f"{summary.images_evaluated} images evaluated so far are saved in {store.path}"
-                    )
-        finally:
-            recording.__exit__(None, None, None)
-            bar.close()
+        with ops.record_backends() as ops_used:
+            try:
+                for (cell, _), (indices, pixels, bad) in zip(units, loader):
+                    bar.set_postfix_str(f"{cell.corruption}/{cell.severity}" if cell.severity else cell.corruption, refresh=False)
+                    records = []
+                    if pixels is not None:
+                        x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+                        x = (x - mean) / std
+                        if channels_last:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        with torch.inference_mode(), autocast:
+                            logits = model(x)
+                        top5 = logits.float().topk(5, dim=1).indices.cpu().tolist()
+                        for i, predicted in zip(indices, top5):
+                            image = items[i][1]
+                            records.append((image.image_id, image.label, predicted))
+                    bad_rows = [(items[i][1].image_id, str(items[i][1].path), reason) for i, reason in bad]
+                    if records and run_context["ops_backend"] != _ops_backend(ops_used):
+                        # the first batch through a dynamic model shows which ops backend ran
+                        run_context["ops_backend"] = _ops_backend(ops_used)
+                        store.open_run(identity, None if weights is None else str(weights), run_context)
+                    store.commit_batch(run_id, cell.corruption, cell.severity, records, bad_rows)
+                    summary.images_evaluated += len(records)
+                    bar.update(len(records) + len(bad_rows))
+                    if bad_rows and strict:
+                        raise DynrobustError(
+                            f"bad image {bad_rows[0][1]}: {bad_rows[0][2]} (--strict); the "
+                            f"{summary.images_evaluated} images evaluated so far are saved in {store.path}"
+                        )
+            finally:
+                bar.close()
         store.mark_finished(run_id)
         wanted = {(c.corruption, c.severity) for c in cells}
         summary.errors = _only_cells(store.cell_errors(run_id), wanted)

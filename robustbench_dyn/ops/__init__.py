@@ -36,8 +36,6 @@ def _check_common(name: str, x: torch.Tensor, kernel_size: int, dilation: int, s
         raise ValueError(f"{name}: dilation must be a positive integer, got {dilation!r}")
     if not isinstance(stride, int) or stride < 1:
         raise ValueError(f"{name}: stride must be a positive integer, got {stride!r}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: x must be floating point, got {x.dtype}")
 
 
 def _check_same(name: str, tensors: dict[str, torch.Tensor]):

@@ -167,7 +167,7 @@ def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -
         if not with_cuda and True in _LOADED:  # the CUDA build holds the CPU kernels too
             return _LOADED[True]
         if _LOADED:  # the other flavour is loaded: both register the same op names
-            other = next(iter(_LOADED.values()))
+            other = loaded_library()
             raise OpsBuildError(f"the native ops are already loaded from {other} in this process; "
                                 f"a {'CUDA' if with_cuda else 'CPU-only'} build needs a new process")
         name = library_name(with_cuda)
@@ -189,6 +189,11 @@ def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -
         _registrations.register()
         _LOADED[with_cuda] = library
         return library
+
+
+def loaded_library() -> Optional[Path]:
+    """The native ops library loaded in this process, or None."""
+    return next(iter(_LOADED.values()), None)
 
 
 def _compile(name: str, folder: Path, with_cuda: bool, verbose: bool):

@@ -149,6 +149,61 @@ def test_channel_blocks_of_the_nhwc_kernels(built, channels, head):
         assert _max_diff(got, want) < 1e-12
 
 
+FAST_PATH_CASES = [
+    # (channels, head, groups): with 8 float64 lanes, DDF shares one weight per 4-vector block
+    # (head 1), has 2 vectors per head (48 / 3 = 16) or 3 (24 / 1 = 24 in 1-vector blocks);
+    # involution has one group per vector (C / 8) or per two (C / 16)
+    (24, 1, 3), (48, 3, 6), (64, 2, 4), (32, 1, 2),
+]
+
+
+@pytest.mark.parametrize("channels,head,groups", FAST_PATH_CASES)
+@pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (7, 1, 1), (7, 2, 2)])
+def test_nhwc_fast_path_at_borders_and_every_width(built, channels, head, groups, k, stride, dilation):
+    # Widths 1 to 12: maps with no interior pixel, one, and many; the border tables and the shared
+    # offsets must agree with the reference to the last bit of float64.
+    for width in (1, 2, 5, 12):
+        x, cf, sf = _ddf_inputs(2, channels, 9, width, k, stride, head, channels_last=True, seed=width)
+        if sf.shape[-1] == 0:
+            continue
+        for combine in ("mul", "add"):
+            inputs = [t.clone().requires_grad_() for t in (x, cf, sf)]
+            out = ops.ddf(*inputs, k, dilation, stride, combine, head)
+            ref = ddf_reference(*inputs, k, dilation, stride, combine, head)
+            assert _max_diff(out, ref) < 1e-12
+            for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
+                assert _max_diff(got, want) < 1e-12
+        xi, kernel = _involution_inputs(2, channels, 9, width, k, stride, groups, channels_last=True, seed=width)
+        inputs = [xi.requires_grad_(), kernel.requires_grad_()]
+        out = ops.involution(*inputs, k, dilation, stride)
+        ref = involution_reference(*inputs, k, dilation, stride)
+        assert _max_diff(out, ref) < 1e-12
+        for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
+            assert _max_diff(got, want) < 1e-12
+
+
+def test_float32_fast_path_matches_float64_reference(built):
+    # 16 float32 lanes: RedNet's 16 channels per group and DDF's one head, with a 7x7 involution
+    # (three 16-tap chunks of the filter gradient and a short last one).
+    def check(op, inputs):
+        out = op(*inputs)
+        wide = [t.detach().double().requires_grad_() for t in inputs]
+        ref = op(*wide)
+        assert _max_diff(out, ref) < 1e-4
+        grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        got = torch.autograd.grad(out, inputs, grad_out.float())
+        want = torch.autograd.grad(ref, wide, grad_out)
+        for g, w in zip(got, want):
+            assert _max_diff(g, w) < 1e-3 * max(1.0, w.abs().max().item())
+
+    x, cf, sf = _ddf_inputs(2, 80, 11, 10, 3, 1, 1, dtype=torch.float32, channels_last=True)
+    check(lambda *t: ops.ddf(*t, 3) if t[0].dtype == torch.float32 else ddf_reference(*t, 3, 1, 1, "mul", 1),
+          [t.requires_grad_() for t in (x, cf, sf)])
+    x, kernel = _involution_inputs(2, 64, 11, 10, 7, 1, 4, dtype=torch.float32, channels_last=True)
+    check(lambda *t: ops.involution(*t, 7) if t[0].dtype == torch.float32 else involution_reference(*t, 7),
+          [x.requires_grad_(), kernel.requires_grad_()])
+
+
 def test_float32_large_channels_and_odd_sizes(built):
     # Channel counts beyond one 64-channel block of the NHWC kernel, not a multiple of it.
     for channels_last in (False, True):

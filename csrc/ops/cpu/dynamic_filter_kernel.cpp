@@ -8,8 +8,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <mutex>
-#include <numeric>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../dynamic_filter.h"
@@ -149,35 +153,361 @@ void backward_spatial_nchw(const scalar_t* GO, const scalar_t* X, const scalar_t
 
 // ------------------------------------------------------------------------------------------ NHWC
 // X (B, H, W, C), SF (B, OH, OW, G*KK), CFT = channel filter transposed to (B, KK, C).
+//
+// Fast path, when every 64-byte vector of channels (16 floats or 8 doubles: the lanes) lies inside
+// one group, so that one spatial weight per (pixel, tap) scales a whole vector:
+//   forward and grad_x: per output pixel, blocks of 4 channel vectors accumulate in registers over
+//   all taps and are stored once. Pixels whose taps all lie inside the image read them at offsets
+//   shared by every such pixel; border pixels get a table of pointers, zeros outside the image.
+//   Tap offsets are computed once per call (a division per tap and pixel costs more than the tap).
+//   grad_spatial_filter: per output pixel and chunk of L taps, the products grad_out * input are
+//   summed over the group's channels in the lanes of p[tap], then a transposing add tree turns the
+//   L vectors into one whose lane j holds tap j.
+//   grad_channel_filter: per output row, tap and channel vector, a sum over the row's pixels.
+// Other channel layouts (C not a multiple of the lanes, or groups that split a vector) run the
+// generic loops further down.
 
-// Channels are processed in blocks of kBlock whose accumulators stay in registers over all taps,
-// so each output value is written once instead of once per tap. Within a block, every run of kSeg
-// channels (kSeg = gcd(channels per group, kBlock), a template constant) shares one spatial weight;
-// constant trip counts let the compiler unroll and keep the accumulators in vector registers.
+// A vector of 64 bytes (GCC/Clang vector extension): one AVX-512 register, two AVX2 or four SSE ones.
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(64)));
+  static constexpr int kLanes = 64 / sizeof(T);
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static void store(T* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+};
+
+// Output lane k of one step of the add tree over vectors holding blocks of m lanes per tap: the
+// halves of a's blocks then of b's, so the taps keep their order.
+constexpr int fold_index(int k, int m, int lanes, int half) {
+  const int h = m / 2, blocks = lanes / m, q = k / h, e = k % h;
+  return (q < blocks ? q * m : lanes + (q - blocks) * m) + e + half * h;
+}
+
+template <typename T, int m, int... k>
+inline typename Simd<T>::V fold(const typename Simd<T>::V& a, const typename Simd<T>::V& b,
+                                std::integer_sequence<int, k...>) {
+  constexpr int L = Simd<T>::kLanes;
+#if defined(__clang__) || __GNUC__ >= 12
+  return __builtin_shufflevector(a, b, fold_index(k, m, L, 0)...) +
+         __builtin_shufflevector(a, b, fold_index(k, m, L, 1)...);
+#else  // GCC before 12: the same permutations through __builtin_shuffle
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef I M __attribute__((vector_size(64)));
+  return __builtin_shuffle(a, b, M{fold_index(k, m, L, 0)...}) + __builtin_shuffle(a, b, M{fold_index(k, m, L, 1)...});
+#endif
+}
+
+// p[0..L): returns the vector whose lane j is the sum of p[j]'s lanes (p is overwritten).
+template <typename T, int m = Simd<T>::kLanes>
+inline typename Simd<T>::V lane_sums(typename Simd<T>::V* p) {
+  if constexpr (m == 1) {
+    return p[0];
+  } else {
+    constexpr int L = Simd<T>::kLanes;
+#pragma GCC unroll 16
+    for (int j = 0; j < m / 2; ++j) p[j] = fold<T, m>(p[2 * j], p[2 * j + 1], std::make_integer_sequence<int, L>{});
+    return lane_sums<T, m / 2>(p);
+  }
+}
+
+template <typename T>
+bool fast_channels(const FilterGeometry& g) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  return g.channels % L == 0 && (g.groups == 1 || g.channels_per_group() % L == 0);
+}
+
+// Tap t of output (y, x) reads input (y*s + dy[t], x*s + dx[t]); computed once per call (a division
+// per tap per pixel costs more than the tap's arithmetic).
+struct TapGeometry {
+  std::vector<int64_t> dy, dx;
+  int64_t reach;  // radius * dilation, the largest |dy| and |dx|
+  explicit TapGeometry(const FilterGeometry& g) : dy(g.taps()), dx(g.taps()), reach(g.radius() * g.dilation) {
+    for (int64_t t = 0; t < g.taps(); ++t) {
+      dy[t] = (t / g.kernel_size - g.radius()) * g.dilation;
+      dx[t] = (t % g.kernel_size - g.radius()) * g.dilation;
+    }
+  }
+};
+
+// How many consecutive channel vectors share a group's spatial weight: 0 = all of a 4-vector block.
+inline int vectors_per_group(const FilterGeometry& g, int64_t lanes) {
+  const int64_t vpg = g.channels_per_group() / lanes;
+  return g.groups == 1 || vpg % 4 == 0 ? 0 : static_cast<int>(vpg);
+}
+
+// One pixel and NV vectors of channels starting at c0: dst[v] = sum_t X_t[v] * W_t[v], accumulated
+// in registers over all taps. Tap t reads base + rel[t] with spatial weight wbase[wrel[t]] (pixels
+// whose taps all lie inside the image), or src[t] with weight *wsrc[t] (kTable: the others; src
+// points at zeros for taps outside). wg: offset of the first vector's group among the weights;
+// kVpg: 0 when the NV vectors share that group, else vector v's group is v / kVpg further on.
+// cft: the image's (KK, C) channel weights at c0 (unused for involution).
+template <typename T, Combine mode, int NV, int kVpg, bool kTable>
+inline void filter_pixel(const T* base, const int64_t* rel, const T* wbase, const int64_t* wrel, const T* const* src,
+                         const T* const* wsrc, int64_t c0, int64_t wg, const T* cft, int64_t C, int64_t KK, T* dst) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  // a single vector accumulates in 4 registers (taps round-robin) so that the adds do not wait on
+  // each other
+  constexpr int kSplit = NV == 1 ? 4 : 1;
+  V acc[NV * kSplit];
+  for (int v = 0; v < NV * kSplit; ++v) acc[v] = V{};
+  auto tap = [&](int64_t t, int u) {
+    const T* xs = (kTable ? src[t] : base + rel[t]) + c0;
+    const T* ws = (kTable ? wsrc[t] : wbase + wrel[t]) + wg;
+    const T* cw = cft + t * C;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      T w;
+      if constexpr (kVpg == 0) w = ws[0];
+      else w = ws[v / kVpg * KK];
+      const V xv = S::load(xs + v * L);
+      V& a = acc[u * NV + v];
+      if constexpr (mode == Combine::kMul) a += xv * (S::load(cw + v * L) * w);
+      else if constexpr (mode == Combine::kAdd) a += xv * (S::load(cw + v * L) + w);
+      else a += xv * w;
+    }
+  };
+  int64_t t = 0;
+  for (; t + kSplit <= KK; t += kSplit)
+    for (int u = 0; u < kSplit; ++u) tap(t + u, u);
+  for (; t < KK; ++t) tap(t, 0);
+  for (int v = 0; v < NV; ++v) {
+    V sum = acc[v];
+    for (int u = 1; u < kSplit; ++u) sum += acc[u * NV + v];
+    S::store(dst + v * L, sum);
+  }
+}
+
+// All channel vectors of one pixel, in blocks of 4 vectors then single ones.
+template <typename T, Combine mode, bool kTable>
+inline void filter_pixel_channels(const T* base, const int64_t* rel, const T* wbase, const int64_t* wrel,
+                                  const T* const* src, const T* const* wsrc, const T* cft, T* dst, int vpg,
+                                  const FilterGeometry& g) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  const int64_t C = g.channels, KK = g.taps(), cpg = g.channels_per_group();
+  int64_t c0 = 0;
+  auto blocks = [&](auto nv, auto kvpg) {
+    constexpr int NV = decltype(nv)::value, kVpg = decltype(kvpg)::value;
+    for (; c0 + NV * L <= C; c0 += NV * L)
+      filter_pixel<T, mode, NV, kVpg, kTable>(base, rel, wbase, wrel, src, wsrc, c0, c0 / cpg * KK,
+                                               cft ? cft + c0 : nullptr, C, KK, dst + c0);
+  };
+  using I = std::integral_constant<int, 1>;
+  if (vpg == 0) blocks(std::integral_constant<int, 4>{}, std::integral_constant<int, 0>{});
+  else if (vpg == 1) blocks(std::integral_constant<int, 4>{}, I{});
+  else if (vpg == 2) blocks(std::integral_constant<int, 4>{}, std::integral_constant<int, 2>{});
+  blocks(I{}, std::integral_constant<int, 0>{});
+}
+
+template <typename T, Combine mode>
+void forward_nhwc_fast(const T* X, const T* CFT, const T* SF, T* out, const FilterGeometry& g) {
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, s = g.stride;
+  const int64_t KK = g.taps(), GKK = g.groups * KK;
+  const TapGeometry taps(g);
+  const int vpg = vectors_per_group(g, Simd<T>::kLanes);
+  std::vector<int64_t> rel(KK), wrel(KK);
+  for (int64_t t = 0; t < KK; ++t) rel[t] = (taps.dy[t] * W + taps.dx[t]) * C, wrel[t] = t;
+  at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> src(KK), wsrc(KK);
+    const std::vector<T> zero_pixel(C, T(0));
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / OH, iy = row % OH * s;
+      const bool inner_row = iy >= taps.reach && iy + taps.reach < H;
+      const T* cft = CFT ? CFT + b * KK * C : nullptr;
+      for (int64_t x = 0; x < OW; ++x) {
+        const int64_t ix = x * s;
+        const T* base = X + ((b * H + iy) * W + ix) * C;
+        const T* wbase = SF + (row * OW + x) * GKK;
+        T* dst = out + (row * OW + x) * C;
+        if (inner_row && ix >= taps.reach && ix + taps.reach < W) {
+          filter_pixel_channels<T, mode, false>(base, rel.data(), wbase, wrel.data(), nullptr, nullptr, cft, dst, vpg, g);
+          continue;
+        }
+        for (int64_t t = 0; t < KK; ++t) {
+          const int64_t ty = iy + taps.dy[t], tx = ix + taps.dx[t];
+          src[t] = ty >= 0 && ty < H && tx >= 0 && tx < W ? X + ((b * H + ty) * W + tx) * C : zero_pixel.data();
+          wsrc[t] = wbase + t;
+        }
+        filter_pixel_channels<T, mode, true>(nullptr, nullptr, nullptr, nullptr, src.data(), wsrc.data(), cft, dst, vpg,
+                                             g);
+      }
+    }
+  });
+}
+
+// grad_x by gathering: input pixel q receives grad_out at the output pixels whose taps read q, each
+// weighted by that output pixel's filter (so no two tasks write the same value).
+template <typename T, Combine mode>
+void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, s = g.stride;
+  const int64_t KK = g.taps(), GKK = g.groups * KK, cpg = g.channels_per_group();
+  const TapGeometry taps(g);
+  const int vpg = vectors_per_group(g, L);
+  std::vector<int64_t> rel(KK), wrel(KK);  // stride 1: output pixel q - (dy, dx)
+  for (int64_t t = 0; t < KK; ++t) {
+    rel[t] = -(taps.dy[t] * OW + taps.dx[t]) * C;
+    wrel[t] = -(taps.dy[t] * OW + taps.dx[t]) * GKK + t;
+  }
+  at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const T*> src(W * KK), wsrc(W * KK);  // per pixel of the row that needs them
+    const std::vector<T> zero_pixel(C, T(0));
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / H, iy = row % H;
+      const bool inner_row = s == 1 && iy >= taps.reach && iy + taps.reach < OH;
+      auto inner = [&](int64_t ix) { return inner_row && ix >= taps.reach && ix + taps.reach < OW; };
+      for (int64_t ix = 0; ix < W; ++ix) {
+        if (inner(ix)) continue;
+        for (int64_t t = 0; t < KK; ++t) {
+          const int64_t ny = iy - taps.dy[t], nx = ix - taps.dx[t];
+          const bool hit = ny >= 0 && nx >= 0 && ny % s == 0 && nx % s == 0 && ny / s < OH && nx / s < OW;
+          const int64_t p = hit ? (b * OH + ny / s) * OW + nx / s : 0;
+          src[ix * KK + t] = hit ? GO + p * C : zero_pixel.data();
+          wsrc[ix * KK + t] = SF + p * GKK + t;
+        }
+      }
+      const T* cft = CFT ? CFT + b * KK * C : nullptr;
+      const int64_t q0 = (b * OH + iy) * OW;  // output pixel at the row's start (stride 1)
+      for (int64_t ix = 0; ix < W; ++ix) {
+        T* dst = GX + (row * W + ix) * C;
+        if (inner(ix))
+          filter_pixel_channels<T, mode, false>(GO + (q0 + ix) * C, rel.data(), SF + (q0 + ix) * GKK, wrel.data(),
+                                                nullptr, nullptr, cft, dst, vpg, g);
+        else
+          filter_pixel_channels<T, mode, true>(nullptr, nullptr, nullptr, nullptr, &src[ix * KK], &wsrc[ix * KK], cft,
+                                               dst, vpg, g);
+      }
+    }
+  });
+}
+
+// grad_spatial_filter and grad_channel_filter (see the top of this section). grad_channel_filter is
+// accumulated per task in a (KK, C) buffer and added under a lock per image.
+template <typename T, Combine mode>
+void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* SF, T* GSF, T* GCFT,
+                                const FilterGeometry& g) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  constexpr bool kChannel = mode != Combine::kSpatialOnly;
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width;
+  const int64_t KK = g.taps(), G = g.groups, GKK = G * KK, cpg = g.channels_per_group();
+  const TapGeometry taps(g);
+  std::mutex lock;
+  at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> partial(kChannel ? KK * C : 0, T(0));
+    const std::vector<T> zero_pixel(C, T(0));
+    int64_t partial_b = begin / OH;
+    auto flush = [&]() {
+      if constexpr (kChannel) {
+        std::lock_guard<std::mutex> guard(lock);
+        T* dst = GCFT + partial_b * KK * C;
+        for (int64_t i = 0; i < KK * C; ++i) dst[i] += partial[i];
+        std::fill(partial.begin(), partial.end(), T(0));
+      }
+    };
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / OH, y = row % OH;
+      if (b != partial_b) {
+        flush();
+        partial_b = b;
+      }
+      const int64_t iy = y * g.stride;
+      const bool inner_row = iy >= taps.reach && iy + taps.reach < H;
+      for (int64_t x = 0; x < OW; ++x) {
+        const int64_t ix = x * g.stride;
+        const bool inner = inner_row && ix >= taps.reach && ix + taps.reach < W;
+        const T* gov = GO + (row * OW + x) * C;
+        T* gsf = GSF + (row * OW + x) * GKK;
+        for (int64_t t0 = 0; t0 < KK; t0 += L) {
+          const int nt = static_cast<int>(std::min<int64_t>(L, KK - t0));
+          const T* src[L];  // each tap's input pixel (all channels), zeros outside the image or the taps
+          const T* cfp[L];  // each tap's channel weights
+          for (int j = 0; j < L; ++j) {
+            const int64_t t = std::min<int64_t>(t0 + j, KK - 1), ty = iy + taps.dy[t], tx = ix + taps.dx[t];
+            const bool inside = j < nt && (inner || (ty >= 0 && ty < H && tx >= 0 && tx < W));
+            src[j] = inside ? X + ((b * H + ty) * W + tx) * C : zero_pixel.data();
+            if constexpr (mode == Combine::kMul) cfp[j] = CFT + (b * KK + t) * C;
+          }
+          for (int64_t grp = 0; grp < G; ++grp) {
+            if (nt <= 4) {  // a short last chunk (k = 7: 49 = 3 x 16 + 1): per-tap sums beat the tree
+              for (int j = 0; j < nt; ++j) {
+                V a{};
+                for (int64_t c = grp * cpg; c < (grp + 1) * cpg; c += L) {
+                  const V gx = S::load(gov + c) * S::load(src[j] + c);
+                  if constexpr (mode == Combine::kMul) a += gx * S::load(cfp[j] + c);
+                  else a += gx;
+                }
+                T sum = 0;
+                for (int l = 0; l < L; ++l) sum += a[l];
+                gsf[grp * KK + t0 + j] = sum;
+              }
+              continue;
+            }
+            V p[L];
+            for (int j = 0; j < L; ++j) p[j] = V{};
+            for (int64_t c = grp * cpg; c < (grp + 1) * cpg; c += L) {
+              const V go = S::load(gov + c);
+#pragma GCC unroll 16
+              for (int j = 0; j < L; ++j) {
+                const V gx = go * S::load(src[j] + c);
+                if constexpr (mode == Combine::kMul) p[j] += gx * S::load(cfp[j] + c);
+                else p[j] += gx;
+              }
+            }
+            alignas(64) T sums[L];
+            S::store(sums, lane_sums<T>(p));
+            std::copy(sums, sums + nt, gsf + grp * KK + t0);
+          }
+        }
+      }
+      if constexpr (kChannel) {  // this row's share of grad_channel_filter: per tap, a sum over pixels
+        const int64_t s = g.stride;
+        for (int64_t t = 0; t < KK; ++t) {
+          const int64_t ty = iy + taps.dy[t];
+          int64_t x0, x1;
+          valid_range(taps.dx[t], s, W, OW, x0, x1);
+          if (ty < 0 || ty >= H || x0 > x1) continue;
+          for (int64_t c = 0; c < C; c += L) {
+            const T* xp = X + ((b * H + ty) * W + x0 * s + taps.dx[t]) * C + c;
+            const T* gp = GO + (row * OW + x0) * C + c;
+            const T* wp = SF + (row * OW + x0) * GKK + c / cpg * KK + t;
+            V a[4] = {};
+            auto term = [&](int64_t u) {
+              const V gx = S::load(gp + u * C) * S::load(xp + u * s * C);
+              if constexpr (mode == Combine::kMul) return gx * wp[u * GKK];
+              else return gx;
+            };
+            int64_t x = x0;
+            for (; x + 3 <= x1; x += 4, gp += 4 * C, xp += 4 * s * C, wp += 4 * GKK)
+              for (int u = 0; u < 4; ++u) a[u] += term(u);
+            for (; x <= x1; ++x, gp += C, xp += s * C, wp += GKK) a[0] += term(0);
+            T* pc = partial.data() + t * C + c;
+            S::store(pc, S::load(pc) + (a[0] + a[1]) + (a[2] + a[3]));
+          }
+        }
+      }
+    }
+    flush();
+  });
+}
+
+// ---------------------------------------------------------------------------------- NHWC, generic
+// Generic path: channels in blocks of kBlock accumulated over all taps, each block split into runs
+// of channels that share a group's spatial weight.
 constexpr int64_t kBlock = 64;
 
 // acc[0, n) += src[c] * W(c) for the channels c0 + [0, n) of one tap; sw points at the tap's spatial
 // weight of group 0 (group g's is sw[g * KK]); cft at the tap's channel weights (+ c0), or null.
-template <typename scalar_t, Combine mode, int64_t kSeg>
+template <typename scalar_t, Combine mode>
 inline void accumulate_block(scalar_t* acc, const scalar_t* src, const scalar_t* cft, const scalar_t* sw,
                              int64_t c0, int64_t n, int64_t cpg, int64_t KK) {
-  if (kSeg > 1 && n == kBlock) {
-    for (int64_t seg = 0; seg < kBlock / kSeg; ++seg) {
-      const scalar_t w = sw[((c0 + seg * kSeg) / cpg) * KK];
-      scalar_t* a = acc + seg * kSeg;
-      const scalar_t* v = src + seg * kSeg;
-      if constexpr (mode == Combine::kSpatialOnly) {
-#pragma omp simd
-        for (int64_t c = 0; c < kSeg; ++c) a[c] += v[c] * w;
-      } else {
-        const scalar_t* cw = cft + seg * kSeg;
-#pragma omp simd
-        for (int64_t c = 0; c < kSeg; ++c) a[c] += v[c] * combine<mode>(cw[c], w);
-      }
-    }
-    return;
-  }
-  for (int64_t a = 0; a < n;) {  // any block: runs of channels that share a group's spatial weight
+  for (int64_t a = 0; a < n;) {
     const int64_t grp = (c0 + a) / cpg, e = std::min(n, (grp + 1) * cpg - c0);
     const scalar_t w = sw[grp * KK];
     if constexpr (mode == Combine::kSpatialOnly) {
@@ -191,8 +521,8 @@ inline void accumulate_block(scalar_t* acc, const scalar_t* src, const scalar_t*
   }
 }
 
-template <typename scalar_t, Combine mode, int64_t kSeg>
-void forward_nhwc(const scalar_t* X, const scalar_t* CFT, const scalar_t* SF, scalar_t* out, const FilterGeometry& g) {
+template <typename scalar_t, Combine mode>
+void forward_nhwc_generic(const scalar_t* X, const scalar_t* CFT, const scalar_t* SF, scalar_t* out, const FilterGeometry& g) {
   const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
   const int64_t KK = g.taps(), G = g.groups, cpg = g.channels_per_group(), r = g.radius(), s = g.stride;
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
@@ -216,7 +546,7 @@ void forward_nhwc(const scalar_t* X, const scalar_t* CFT, const scalar_t* SF, sc
             const int64_t offset = tap_offset[x * KK + t];
             if (offset < 0) continue;
             const scalar_t* cft = mode == Combine::kSpatialOnly ? nullptr : CFT + (b * KK + t) * C + c0;
-            accumulate_block<scalar_t, mode, kSeg>(acc, X + offset + c0, cft, sfv + t, c0, n, cpg, KK);
+            accumulate_block<scalar_t, mode>(acc, X + offset + c0, cft, sfv + t, c0, n, cpg, KK);
           }
           std::copy(acc, acc + n, out + (row * OW + x) * C + c0);
         }
@@ -226,8 +556,8 @@ void forward_nhwc(const scalar_t* X, const scalar_t* CFT, const scalar_t* SF, sc
 }
 
 // grad_x by gathering (no write conflicts), one task per input row; blocked like the forward.
-template <typename scalar_t, Combine mode, int64_t kSeg>
-void backward_input_nhwc(const scalar_t* GO, const scalar_t* CFT, const scalar_t* SF, scalar_t* GX,
+template <typename scalar_t, Combine mode>
+void backward_input_nhwc_generic(const scalar_t* GO, const scalar_t* CFT, const scalar_t* SF, scalar_t* GX,
                          const FilterGeometry& g) {
   const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
   const int64_t KK = g.taps(), G = g.groups, cpg = g.channels_per_group(), r = g.radius(), s = g.stride;
@@ -251,7 +581,7 @@ void backward_input_nhwc(const scalar_t* GO, const scalar_t* CFT, const scalar_t
             const int64_t pixel = source[ix * KK + t];
             if (pixel < 0) continue;
             const scalar_t* cft = mode == Combine::kSpatialOnly ? nullptr : CFT + (b * KK + t) * C + c0;
-            accumulate_block<scalar_t, mode, kSeg>(acc, GO + pixel * C + c0, cft, SF + pixel * G * KK + t, c0, n,
+            accumulate_block<scalar_t, mode>(acc, GO + pixel * C + c0, cft, SF + pixel * G * KK + t, c0, n,
                                                    cpg, KK);
           }
           std::copy(acc, acc + n, GX + (row * W + ix) * C + c0);
@@ -264,7 +594,7 @@ void backward_input_nhwc(const scalar_t* GO, const scalar_t* CFT, const scalar_t
 // grad_spatial_filter (a dot product over each group's channels) and grad_channel_filter (a sum over
 // output pixels, accumulated per task in a (KK, C) buffer and added under a lock per image).
 template <typename scalar_t, Combine mode>
-void backward_filters_nhwc(const scalar_t* GO, const scalar_t* X, const scalar_t* CFT, const scalar_t* SF,
+void backward_filters_nhwc_generic(const scalar_t* GO, const scalar_t* X, const scalar_t* CFT, const scalar_t* SF,
                            scalar_t* GSF, at::opmath_type<scalar_t>* GCFT, const FilterGeometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
@@ -338,18 +668,6 @@ bool use_channels_last(const at::Tensor& x) {
   return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
-// The run length kSeg of channels sharing a spatial weight inside a kBlock block: gcd(cpg, kBlock),
-// specialised for 64 (DDF, one head), 16 (involution's 16 channels per group) and 8; 1 = generic.
-template <typename F>
-void dispatch_segment(const FilterGeometry& g, F&& f) {
-  const int64_t seg = std::gcd(g.channels_per_group(), kBlock);
-  if (seg == 64) f(std::integral_constant<int64_t, 64>{});
-  else if (seg == 32) f(std::integral_constant<int64_t, 32>{});
-  else if (seg == 16) f(std::integral_constant<int64_t, 16>{});
-  else if (seg == 8) f(std::integral_constant<int64_t, 8>{});
-  else f(std::integral_constant<int64_t, 1>{});
-}
-
 // half / bfloat16 run in float32 on the CPU.
 at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -380,11 +698,14 @@ at::Tensor dynamic_filter_forward_cpu(const at::Tensor& x_in, const c10::optiona
   AT_DISPATCH_FLOATING_TYPES(ct, "dynamic_filter_forward_cpu", [&] {
     const scalar_t* cfp = cf.defined() ? cf.const_data_ptr<scalar_t>() : nullptr;
     dispatch_mode(mode, [&](auto m) {
-      if (nhwc)
-        dispatch_segment(g, [&](auto seg) {
-          forward_nhwc<scalar_t, decltype(m)::value, decltype(seg)::value>(
-              x.const_data_ptr<scalar_t>(), cfp, sf.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g);
-        });
+      constexpr Combine M = decltype(m)::value;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* sfp = sf.const_data_ptr<scalar_t>();
+      scalar_t* op = out.mutable_data_ptr<scalar_t>();
+      if (nhwc && fast_channels<scalar_t>(g))
+        forward_nhwc_fast<scalar_t, M>(xp, cfp, sfp, op, g);
+      else if (nhwc)
+        forward_nhwc_generic<scalar_t, M>(xp, cfp, sfp, op, g);
       else
         forward_nchw<scalar_t, decltype(m)::value>(x.const_data_ptr<scalar_t>(), cfp, sf.const_data_ptr<scalar_t>(),
                                                     out.mutable_data_ptr<scalar_t>(), g);
@@ -423,14 +744,17 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
         at::Tensor gcft = has_cf ? at::zeros({g.batch, g.taps(), g.channels}, x.options().dtype(
                                                                                    c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value))
                                  : at::Tensor();
-        dispatch_segment(g, [&](auto seg) {
-          backward_input_nhwc<scalar_t, M, decltype(seg)::value>(go.const_data_ptr<scalar_t>(), cfp,
-                                                                 sf.const_data_ptr<scalar_t>(),
-                                                                 gx.mutable_data_ptr<scalar_t>(), g);
-        });
-        backward_filters_nhwc<scalar_t, M>(go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), cfp,
-                                           sf.const_data_ptr<scalar_t>(), gsf.mutable_data_ptr<scalar_t>(),
-                                           has_cf ? gcft.mutable_data_ptr<at::opmath_type<scalar_t>>() : nullptr, g);
+        const scalar_t* gop = go.const_data_ptr<scalar_t>();
+        const scalar_t* xp = x.const_data_ptr<scalar_t>();
+        const scalar_t* sfp = sf.const_data_ptr<scalar_t>();
+        scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+        scalar_t* gsfp = gsf.mutable_data_ptr<scalar_t>();
+        at::opmath_type<scalar_t>* gcfp = has_cf ? gcft.mutable_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
+        const bool fast = fast_channels<scalar_t>(g);
+        if (fast && g.stride == 1) backward_input_nhwc_fast<scalar_t, M>(gop, cfp, sfp, gxp, g);
+        else backward_input_nhwc_generic<scalar_t, M>(gop, cfp, sfp, gxp, g);
+        if (fast) backward_filters_nhwc_fast<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);
+        else backward_filters_nhwc_generic<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);
         if (has_cf) gcf = gcft.transpose(1, 2).to(ct).contiguous();
       } else {
         if (has_cf) gcf = at::empty({g.batch, g.channels, g.taps()}, x.options());

@@ -2,7 +2,7 @@
 same kernel size (channels_last), time and peak memory, forward and forward + backward, side by side.
 
     python benchmarks/bench_ops.py [--device cpu|cuda] [--ops ddf,involution] [--shapes paper,r50]
-                                   [--repeats 5] [--no-reference] [--no-memory]
+                                   [--repeats 5] [--no-reference] [--no-memory] [--floor]
 
 Shapes: ``paper`` is the DDF paper's Table 2 input, 2x256x200x300 (k=3 for DDF, 7 for involution);
 ``r50`` the inputs of the ResNet-50 3x3 convolutions at batch 32: 32x64x56x56, 32x128x28x28,
@@ -17,6 +17,10 @@ and in brackets the total including the inputs. CUDA: from torch.cuda.max_memory
 each measurement runs in a fresh subprocess, resets the peak resident set size (Linux
 /proc/self/clear_refs) once the inputs exist, and reads VmHWM - VmRSS after the call, so it sees
 every allocation, oneDNN's included.
+
+``--floor`` adds, per shape, the streaming floor of the forward: the time to read every input once
+and write an output of x's size (sums and a fill, memory-bound), and native / floor: near 1 means
+memory-bound, well above 1 means the arithmetic or the access pattern is the limit.
 
 Targets (operators issue): native forward within 1.5x of the depthwise conv's time and within 1.2x
 of its peak memory; native backward within 3x of its forward. Not part of the tests.
@@ -96,6 +100,24 @@ def time_call(op, impl, t, device, backward):
     return time.perf_counter() - start
 
 
+def streaming_floor(op, t, repeats):
+    """Median time to read each input of the op once and write an output of x's size."""
+    inputs = [v for name, v in t.items() if name != "weight"]
+
+    def stream():
+        for v in inputs:
+            v.sum()
+        torch.empty_like(t["x"]).fill_(0)
+
+    stream()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        stream()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
 def measure_memory(op, impl, shape, device, backward):
     """(extra bytes, total bytes) of one call: peak minus inputs, and peak."""
     if device == "cuda":
@@ -148,6 +170,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--floor", action="store_true", help="also time the streaming floor (CPU)")
     args = parser.parse_args()
     device = args.device
     info = ops.backend_info()
@@ -188,6 +211,11 @@ def main():
                             summary.append((op, shape, "memory", mem["native"][0] / max(mem["dwconv"][0], 1)))
                     print(line, flush=True)
                 fwd, both = times[False]["native"], times[True]["native"]
+                if args.floor:
+                    with torch.no_grad():
+                        floor = streaming_floor(op, make_inputs(op, shape, device), args.repeats) * 1e3
+                    print(f"{op:<10} {'x'.join(map(str, shape)):<18} floor    {floor:>14.2f}  native/floor "
+                          f"{fwd / floor:.2f}x", flush=True)
                 summary.append((op, shape, "time", fwd / times[False]["dwconv"]))
                 summary.append((op, shape, "backward/forward", (both - fwd) / fwd))
     print("\n# targets: forward time <= 1.5x dwconv, forward memory <= 1.2x dwconv, backward <= 3x forward")

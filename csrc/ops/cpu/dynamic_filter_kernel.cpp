@@ -152,6 +152,38 @@ void backward_spatial_nchw(const scalar_t* GO, const scalar_t* X, const scalar_t
 }
 
 // ------------------------------------------------------------------------------------------ NHWC
+
+// A task's share of grad_channel_filter, a sum over output pixels: a (KK, C) buffer for the image
+// the task is in, added to that image's (KK, C) result under a lock when the task moves on to the
+// next image or ends. Empty (and a no-op) when there is no channel filter.
+template <typename acc_t>
+class ChannelGradPartial {
+ public:
+  ChannelGradPartial(acc_t* result, int64_t size, std::mutex& lock, int64_t image)
+      : result_(result), size_(result ? size : 0), lock_(lock), image_(image), sums_(size_, acc_t(0)) {}
+  ~ChannelGradPartial() { flush(); }
+  acc_t* data() { return sums_.data(); }
+  void enter_image(int64_t image) {
+    if (image == image_) return;
+    flush();
+    image_ = image;
+  }
+
+ private:
+  void flush() {
+    if (size_ == 0) return;
+    std::lock_guard<std::mutex> guard(lock_);
+    acc_t* dst = result_ + image_ * size_;
+    for (int64_t i = 0; i < size_; ++i) dst[i] += sums_[i];
+    std::fill(sums_.begin(), sums_.end(), acc_t(0));
+  }
+  acc_t* result_;
+  int64_t size_;
+  std::mutex& lock_;
+  int64_t image_;
+  std::vector<acc_t> sums_;
+};
+
 // X (B, H, W, C), SF (B, OH, OW, G*KK), CFT = channel filter transposed to (B, KK, C).
 //
 // Fast path, when every 64-byte vector of channels (16 floats or 8 doubles: the lanes) lies inside
@@ -400,23 +432,11 @@ void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* 
   const TapGeometry taps(g);
   std::mutex lock;
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> partial(kChannel ? KK * C : 0, T(0));
+    ChannelGradPartial<T> partial(kChannel ? GCFT : nullptr, KK * C, lock, begin / OH);
     const std::vector<T> zero_pixel(C, T(0));
-    int64_t partial_b = begin / OH;
-    auto flush = [&]() {
-      if constexpr (kChannel) {
-        std::lock_guard<std::mutex> guard(lock);
-        T* dst = GCFT + partial_b * KK * C;
-        for (int64_t i = 0; i < KK * C; ++i) dst[i] += partial[i];
-        std::fill(partial.begin(), partial.end(), T(0));
-      }
-    };
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
-      if (b != partial_b) {
-        flush();
-        partial_b = b;
-      }
+      partial.enter_image(b);
       const int64_t iy = y * g.stride;
       const bool inner_row = iy >= taps.reach && iy + taps.reach < H;
       for (int64_t x = 0; x < OW; ++x) {
@@ -493,7 +513,6 @@ void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* 
         }
       }
     }
-    flush();
   });
 }
 
@@ -602,22 +621,10 @@ void backward_filters_nhwc_generic(const scalar_t* GO, const scalar_t* X, const 
   constexpr bool kChannel = mode != Combine::kSpatialOnly;
   std::mutex lock;
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> partial(kChannel ? KK * C : 0, acc_t(0));
-    int64_t partial_b = begin / OH;
-    auto flush = [&]() {
-      if constexpr (kChannel) {
-        std::lock_guard<std::mutex> guard(lock);
-        acc_t* dst = GCFT + partial_b * KK * C;
-        for (int64_t i = 0; i < KK * C; ++i) dst[i] += partial[i];
-        std::fill(partial.begin(), partial.end(), acc_t(0));
-      }
-    };
+    ChannelGradPartial<acc_t> partial(kChannel ? GCFT : nullptr, KK * C, lock, begin / OH);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
-      if (b != partial_b) {
-        flush();
-        partial_b = b;
-      }
+      partial.enter_image(b);
       for (int64_t x = 0; x < OW; ++x) {
         const scalar_t* gov = GO + (row * OW + x) * C;
         const scalar_t* sfv = SF + (row * OW + x) * G * KK;
@@ -658,7 +665,6 @@ void backward_filters_nhwc_generic(const scalar_t* GO, const scalar_t* X, const 
         }
       }
     }
-    flush();
   });
 }
 

@@ -291,7 +291,8 @@ inline void filter_pixel(const T* base, const int64_t* rel, const T* wbase, cons
   auto tap = [&](int64_t t, int u) {
     const T* xs = (kTable ? src[t] : base + rel[t]) + c0;
     const T* ws = (kTable ? wsrc[t] : wbase + wrel[t]) + wg;
-    const T* cw = cft + t * C;
+    const T* cw = nullptr;  // the tap's channel weights (DDF)
+    if constexpr (mode != Combine::kSpatialOnly) cw = cft + t * C;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       T w;

@@ -100,7 +100,7 @@ def time_call(op, impl, t, device, backward):
     return time.perf_counter() - start
 
 
-def streaming_floor(op, t, repeats):
+def streaming_floor(t, repeats):
     """Median time to read each input of the op once and write an output of x's size."""
     inputs = [v for name, v in t.items() if name != "weight"]
 
@@ -213,7 +213,7 @@ def main():
                 fwd, both = times[False]["native"], times[True]["native"]
                 if args.floor:
                     with torch.no_grad():
-                        floor = streaming_floor(op, make_inputs(op, shape, device), args.repeats) * 1e3
+                        floor = streaming_floor(make_inputs(op, shape, device), args.repeats) * 1e3
                     print(f"{op:<10} {'x'.join(map(str, shape)):<18} floor    {floor:>14.2f}  native/floor "
                           f"{fwd / floor:.2f}x", flush=True)
                 summary.append((op, shape, "time", fwd / times[False]["dwconv"]))

@@ -377,43 +377,39 @@ void forward_nhwc_fast(const T* X, const T* CFT, const T* SF, T* out, const Filt
 // weighted by that output pixel's filter (so no two tasks write the same value).
 template <typename T, Combine mode>
 void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
-  constexpr int64_t L = Simd<T>::kLanes;
   const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, s = g.stride;
-  const int64_t KK = g.taps(), GKK = g.groups * KK, cpg = g.channels_per_group();
+  const int64_t KK = g.taps(), GKK = g.groups * KK;
   const TapGeometry taps(g);
-  const int vpg = vectors_per_group(g, L);
+  const int vpg = vectors_per_group(g, Simd<T>::kLanes);
   std::vector<int64_t> rel(KK), wrel(KK);  // stride 1: output pixel q - (dy, dx)
   for (int64_t t = 0; t < KK; ++t) {
     rel[t] = -(taps.dy[t] * OW + taps.dx[t]) * C;
     wrel[t] = -(taps.dy[t] * OW + taps.dx[t]) * GKK + t;
   }
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const T*> src(W * KK), wsrc(W * KK);  // per pixel of the row that needs them
+    std::vector<const T*> src(KK), wsrc(KK);
     const std::vector<T> zero_pixel(C, T(0));
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / H, iy = row % H;
       const bool inner_row = s == 1 && iy >= taps.reach && iy + taps.reach < OH;
-      auto inner = [&](int64_t ix) { return inner_row && ix >= taps.reach && ix + taps.reach < OW; };
-      for (int64_t ix = 0; ix < W; ++ix) {
-        if (inner(ix)) continue;
-        for (int64_t t = 0; t < KK; ++t) {
-          const int64_t ny = iy - taps.dy[t], nx = ix - taps.dx[t];
-          const bool hit = ny >= 0 && nx >= 0 && ny % s == 0 && nx % s == 0 && ny / s < OH && nx / s < OW;
-          const int64_t p = hit ? (b * OH + ny / s) * OW + nx / s : 0;
-          src[ix * KK + t] = hit ? GO + p * C : zero_pixel.data();
-          wsrc[ix * KK + t] = SF + p * GKK + t;
-        }
-      }
       const T* cft = CFT ? CFT + b * KK * C : nullptr;
       const int64_t q0 = (b * OH + iy) * OW;  // output pixel at the row's start (stride 1)
       for (int64_t ix = 0; ix < W; ++ix) {
         T* dst = GX + (row * W + ix) * C;
-        if (inner(ix))
+        if (inner_row && ix >= taps.reach && ix + taps.reach < OW) {
           filter_pixel_channels<T, mode, false>(GO + (q0 + ix) * C, rel.data(), SF + (q0 + ix) * GKK, wrel.data(),
                                                 nullptr, nullptr, cft, dst, vpg, g);
-        else
-          filter_pixel_channels<T, mode, true>(nullptr, nullptr, nullptr, nullptr, &src[ix * KK], &wsrc[ix * KK], cft,
-                                               dst, vpg, g);
+          continue;
+        }
+        for (int64_t t = 0; t < KK; ++t) {
+          const int64_t ny = iy - taps.dy[t], nx = ix - taps.dx[t];
+          const bool hit = ny >= 0 && nx >= 0 && ny % s == 0 && nx % s == 0 && ny / s < OH && nx / s < OW;
+          const int64_t p = hit ? (b * OH + ny / s) * OW + nx / s : 0;
+          src[t] = hit ? GO + p * C : zero_pixel.data();
+          wsrc[t] = SF + p * GKK + t;
+        }
+        filter_pixel_channels<T, mode, true>(nullptr, nullptr, nullptr, nullptr, src.data(), wsrc.data(), cft, dst, vpg,
+                                             g);
       }
     }
   });

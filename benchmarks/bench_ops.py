@@ -22,6 +22,11 @@ every allocation, oneDNN's included.
 and write an output of x's size (sums and a fill, memory-bound), and native / floor: near 1 means
 memory-bound, well above 1 means the arithmetic or the access pattern is the limit.
 
+Large outputs: glibc returns allocations over 32 MB to the system when they are freed, so every
+call page-faults them in afresh (the involution's filter gradient on 32x64x56x56 is 78 MB: about 25
+ms of page faults on the 2-core machine of RESULTS.md). PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` puts
+such allocations on transparent huge pages; the header line says whether it was set.
+
 Targets (operators issue): native forward within 1.5x of the depthwise conv's time and within 1.2x
 of its peak memory; native backward within 3x of its forward. Not part of the tests.
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -180,7 +186,9 @@ def main():
     impls = [i for i in IMPLS if not (args.no_reference and i == "reference")]
     where = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, " \
         f"{torch.get_num_threads()} threads"
-    print(f"# {where}; torch {torch.__version__}; float32, channels_last; median of {args.repeats}")
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    print(f"# {where}; torch {torch.__version__}; float32, channels_last; median of {args.repeats}; "
+          f"THP_MEM_ALLOC_ENABLE={thp}")
     header = f"{'op':<10} {'shape':<18} {'pass':<8}" + "".join(f"{i + ' ms':>14}" for i in impls) + \
         f"{'native/dw':>11}" + ("" if args.no_memory else "".join(f"{i + ' MB':>20}" for i in impls) + f"{'mem n/dw':>10}")
     print(header)

@@ -160,9 +160,10 @@ FAST_PATH_CASES = [
 @pytest.mark.parametrize("channels,head,groups", FAST_PATH_CASES)
 @pytest.mark.parametrize("k,stride,dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 2), (7, 1, 1), (7, 2, 2)])
 def test_nhwc_fast_path_at_borders_and_every_width(built, channels, head, groups, k, stride, dilation):
-    # Widths 1 to 12: maps with no interior pixel, one, and many; the border tables and the shared
-    # offsets must agree with the reference to the last bit of float64.
-    for width in (1, 2, 5, 12):
+    # Widths 1 to 19: maps with no interior pixel, one, and many, and rows of one 8-pixel tile of
+    # grad_x's transposed weights or two and a rest; the border tables and the shared offsets must
+    # agree with the reference to the last bit of float64.
+    for width in (1, 2, 5, 12, 19):
         x, cf, sf = _ddf_inputs(2, channels, 9, width, k, stride, head, channels_last=True, seed=width)
         if sf.shape[-1] == 0:
             continue
@@ -199,8 +200,14 @@ def test_float32_fast_path_matches_float64_reference(built):
     x, cf, sf = _ddf_inputs(2, 80, 11, 10, 3, 1, 1, dtype=torch.float32, channels_last=True)
     check(lambda *t: ops.ddf(*t, 3) if t[0].dtype == torch.float32 else ddf_reference(*t, 3, 1, 1, "mul", 1),
           [t.requires_grad_() for t in (x, cf, sf)])
-    x, kernel = _involution_inputs(2, 64, 11, 10, 7, 1, 4, dtype=torch.float32, channels_last=True)
+    # 37 pixels a row: two 16-pixel tiles of grad_x's transposed weights and a rest
+    x, kernel = _involution_inputs(2, 64, 11, 37, 7, 1, 4, dtype=torch.float32, channels_last=True)
     check(lambda *t: ops.involution(*t, 7) if t[0].dtype == torch.float32 else involution_reference(*t, 7),
+          [x.requires_grad_(), kernel.requires_grad_()])
+    # 8 channels per group: the filter gradient's pixel lanes with channels that are not a multiple
+    # of the 16 lanes (the forward and grad_x take the generic loops)
+    x, kernel = _involution_inputs(2, 24, 9, 21, 3, 1, 3, dtype=torch.float32, channels_last=True)
+    check(lambda *t: ops.involution(*t, 3) if t[0].dtype == torch.float32 else involution_reference(*t, 3),
           [x.requires_grad_(), kernel.requires_grad_()])
 
 

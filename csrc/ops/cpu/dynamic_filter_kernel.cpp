@@ -7,6 +7,9 @@
 // The output takes x's layout. half and bfloat16 inputs are computed in float32.
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -192,7 +195,10 @@ class ChannelGradPartial {
 //   all taps and are stored once. Pixels whose taps all lie inside the image read them at offsets
 //   shared by every such pixel; border pixels get a table of pointers, zeros outside the image.
 //   Tap offsets are computed once per call (a division per tap and pixel costs more than the tap).
-//   grad_spatial_filter: per output pixel and chunk of L taps, the products grad_out * input are
+//   grad_x (stride 1) reads the weights from rows of SF transposed to (G*KK, OW).
+//   grad_spatial_filter of involution (stride 1, 8 or 16 channels per group): lanes over pixels,
+//   from transposed rows of grad_out and of the input (backward_spatial_nhwc_pixels).
+//   grad_spatial_filter otherwise: per output pixel and chunk of L taps, the products grad_out * input are
 //   summed over the group's channels in the lanes of p[tap], then a transposing add tree turns the
 //   L vectors into one whose lane j holds tap j.
 //   grad_channel_filter: per output row, tap and channel vector, a sum over the row's pixels.
@@ -210,27 +216,61 @@ struct Simd {
     return v;
   }
   static void store(T* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+  // the first n lanes only (the others load as zeros); masked moves where AVX-512 has them
+  static V load(const T* p, int64_t n) {
+#ifdef __AVX512F__
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    if constexpr (sizeof(T) == 4) return reinterpret_cast<V>(_mm512_maskz_loadu_ps(m, p));
+    else return reinterpret_cast<V>(_mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p));
+#else
+    V v{};
+    std::memcpy(&v, p, n * sizeof(T));
+    return v;
+#endif
+  }
+  static void store(T* p, const V& v, int64_t n) {
+#ifdef __AVX512F__
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    if constexpr (sizeof(T) == 4) _mm512_mask_storeu_ps(p, m, reinterpret_cast<__m512>(v));
+    else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), reinterpret_cast<__m512d>(v));
+#else
+    std::memcpy(p, &v, n * sizeof(T));
+#endif
+  }
 };
 
-// Output lane k of one step of the add tree over vectors holding blocks of m lanes per tap: the
-// halves of a's blocks then of b's, so the taps keep their order.
-constexpr int fold_index(int k, int m, int lanes, int half) {
-  const int h = m / 2, blocks = lanes / m, q = k / h, e = k % h;
-  return (q < blocks ? q * m : lanes + (q - blocks) * m) + e + half * h;
-}
-
-template <typename T, int m, int... k>
-inline typename Simd<T>::V fold(const typename Simd<T>::V& a, const typename Simd<T>::V& b,
-                                std::integer_sequence<int, k...>) {
-  constexpr int L = Simd<T>::kLanes;
+// Lane k of the result is lane Ix::at(k) of the concatenation (a, b).
+template <typename T, typename Ix, int... k>
+inline typename Simd<T>::V shuffle(const typename Simd<T>::V& a, const typename Simd<T>::V& b,
+                                   std::integer_sequence<int, k...>) {
 #if defined(__clang__) || __GNUC__ >= 12
-  return __builtin_shufflevector(a, b, fold_index(k, m, L, 0)...) +
-         __builtin_shufflevector(a, b, fold_index(k, m, L, 1)...);
-#else  // GCC before 12: the same permutations through __builtin_shuffle
+  return __builtin_shufflevector(a, b, Ix::at(k)...);
+#else  // GCC before 12: the same permutation through __builtin_shuffle
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef I M __attribute__((vector_size(64)));
-  return __builtin_shuffle(a, b, M{fold_index(k, m, L, 0)...}) + __builtin_shuffle(a, b, M{fold_index(k, m, L, 1)...});
+  return __builtin_shuffle(a, b, M{Ix::at(k)...});
 #endif
+}
+
+template <typename T, typename Ix>
+inline typename Simd<T>::V shuffle(const typename Simd<T>::V& a, const typename Simd<T>::V& b) {
+  return shuffle<T, Ix>(a, b, std::make_integer_sequence<int, Simd<T>::kLanes>{});
+}
+
+// One step of the add tree over vectors holding blocks of m lanes per tap: lane k takes the first
+// (half 0) or second (half 1) halves of a's blocks then of b's, so the taps keep their order.
+template <int m, int lanes, int half>
+struct FoldIndex {
+  static constexpr int at(int k) {
+    const int h = m / 2, blocks = lanes / m, q = k / h, e = k % h;
+    return (q < blocks ? q * m : lanes + (q - blocks) * m) + e + half * h;
+  }
+};
+
+template <typename T, int m>
+inline typename Simd<T>::V fold(const typename Simd<T>::V& a, const typename Simd<T>::V& b) {
+  constexpr int L = Simd<T>::kLanes;
+  return shuffle<T, FoldIndex<m, L, 0>>(a, b) + shuffle<T, FoldIndex<m, L, 1>>(a, b);
 }
 
 // p[0..L): returns the vector whose lane j is the sum of p[j]'s lanes (p is overwritten).
@@ -241,8 +281,32 @@ inline typename Simd<T>::V lane_sums(typename Simd<T>::V* p) {
   } else {
     constexpr int L = Simd<T>::kLanes;
 #pragma GCC unroll 16
-    for (int j = 0; j < m / 2; ++j) p[j] = fold<T, m>(p[2 * j], p[2 * j + 1], std::make_integer_sequence<int, L>{});
+    for (int j = 0; j < m / 2; ++j) p[j] = fold<T, m>(p[2 * j], p[2 * j + 1]);
     return lane_sums<T, m / 2>(p);
+  }
+}
+
+// Swapping the off-diagonal b x b blocks of every 2b x 2b block of a square matrix, for b = 1, 2, 4,
+// ..., transposes it. Rows i and i + b (i & b == 0) exchange their lanes l with l & b != 0 (of row i)
+// and l & b == 0 (of row i + b).
+template <int b, int lanes, bool kUpper>
+struct SwapIndex {
+  static constexpr int at(int l) { return kUpper ? ((l & b) ? lanes + l : l + b) : ((l & b) ? lanes + l - b : l); }
+};
+
+// Transposes the L x L matrix whose rows are r[0..L).
+template <typename T, int b = 1>
+inline void transpose(typename Simd<T>::V* r) {
+  constexpr int L = Simd<T>::kLanes;
+  if constexpr (b < L) {
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i) {
+      if (i & b) continue;
+      const auto lo = shuffle<T, SwapIndex<b, L, false>>(r[i], r[i + b]);
+      r[i + b] = shuffle<T, SwapIndex<b, L, true>>(r[i], r[i + b]);
+      r[i] = lo;
+    }
+    transpose<T, 2 * b>(r);
   }
 }
 
@@ -275,11 +339,13 @@ inline int vectors_per_group(const FilterGeometry& g, int64_t lanes) {
 // in registers over all taps. Tap t reads base + rel[t] with spatial weight wbase[wrel[t]] (pixels
 // whose taps all lie inside the image), or src[t] with weight *wsrc[t] (kTable: the others; src
 // points at zeros for taps outside). wg: offset of the first vector's group among the weights;
-// kVpg: 0 when the NV vectors share that group, else vector v's group is v / kVpg further on.
-// cft: the image's (KK, C) channel weights at c0 (unused for involution).
+// kVpg: 0 when the NV vectors share that group, else vector v's group is v / kVpg groups further
+// on, group_stride apart among the weights. cft: the image's (KK, C) channel weights at c0 (unused
+// for involution).
 template <typename T, Combine mode, int NV, int kVpg, bool kTable>
 inline void filter_pixel(const T* base, const int64_t* rel, const T* wbase, const int64_t* wrel, const T* const* src,
-                         const T* const* wsrc, int64_t c0, int64_t wg, const T* cft, int64_t C, int64_t KK, T* dst) {
+                         const T* const* wsrc, int64_t c0, int64_t wg, const T* cft, int64_t C, int64_t taps,
+                         int64_t group_stride, T* dst) {
   using S = Simd<T>;
   using V = typename S::V;
   constexpr int L = S::kLanes;
@@ -297,7 +363,7 @@ inline void filter_pixel(const T* base, const int64_t* rel, const T* wbase, cons
     for (int v = 0; v < NV; ++v) {
       T w;
       if constexpr (kVpg == 0) w = ws[0];
-      else w = ws[v / kVpg * KK];
+      else w = ws[v / kVpg * group_stride];
       const V xv = S::load(xs + v * L);
       V& a = acc[u * NV + v];
       if constexpr (mode == Combine::kMul) a += xv * (S::load(cw + v * L) * w);
@@ -306,9 +372,9 @@ inline void filter_pixel(const T* base, const int64_t* rel, const T* wbase, cons
     }
   };
   int64_t t = 0;
-  for (; t + kSplit <= KK; t += kSplit)
+  for (; t + kSplit <= taps; t += kSplit)
     for (int u = 0; u < kSplit; ++u) tap(t + u, u);
-  for (; t < KK; ++t) tap(t, 0);
+  for (; t < taps; ++t) tap(t, 0);
   for (int v = 0; v < NV; ++v) {
     V sum = acc[v];
     for (int u = 1; u < kSplit; ++u) sum += acc[u * NV + v];
@@ -320,15 +386,15 @@ inline void filter_pixel(const T* base, const int64_t* rel, const T* wbase, cons
 template <typename T, Combine mode, bool kTable>
 inline void filter_pixel_channels(const T* base, const int64_t* rel, const T* wbase, const int64_t* wrel,
                                   const T* const* src, const T* const* wsrc, const T* cft, T* dst, int vpg,
-                                  const FilterGeometry& g) {
+                                  int64_t group_stride, const FilterGeometry& g) {
   constexpr int64_t L = Simd<T>::kLanes;
-  const int64_t C = g.channels, KK = g.taps(), cpg = g.channels_per_group();
+  const int64_t C = g.channels, cpg = g.channels_per_group();
   int64_t c0 = 0;
   auto blocks = [&](auto nv, auto kvpg) {
     constexpr int NV = decltype(nv)::value, kVpg = decltype(kvpg)::value;
     for (; c0 + NV * L <= C; c0 += NV * L)
-      filter_pixel<T, mode, NV, kVpg, kTable>(base, rel, wbase, wrel, src, wsrc, c0, c0 / cpg * KK,
-                                               cft ? cft + c0 : nullptr, C, KK, dst + c0);
+      filter_pixel<T, mode, NV, kVpg, kTable>(base, rel, wbase, wrel, src, wsrc, c0, c0 / cpg * group_stride,
+                                               cft ? cft + c0 : nullptr, C, g.taps(), group_stride, dst + c0);
   };
   using I = std::integral_constant<int, 1>;
   if (vpg == 0) blocks(std::integral_constant<int, 4>{}, std::integral_constant<int, 0>{});
@@ -357,8 +423,13 @@ void forward_nhwc_fast(const T* X, const T* CFT, const T* SF, T* out, const Filt
         const T* base = X + ((b * H + iy) * W + ix) * C;
         const T* wbase = SF + (row * OW + x) * GKK;
         T* dst = out + (row * OW + x) * C;
+        // the weights of the pixel 4 ahead (involution: G*KK values, 784 bytes per pixel for RedNet's
+        // stage 1): the stride prefetcher misses them often enough to cost about a fifth of the time
+        // (the one-thread forward on 32x64x56x56 went from 19.0 to 15.3 ms)
+        for (int64_t i = 0; i < GKK; i += 64 / sizeof(T)) __builtin_prefetch(wbase + 4 * GKK + i);
         if (inner_row && ix >= taps.reach && ix + taps.reach < W) {
-          filter_pixel_channels<T, mode, false>(base, rel.data(), wbase, wrel.data(), nullptr, nullptr, cft, dst, vpg, g);
+          filter_pixel_channels<T, mode, false>(base, rel.data(), wbase, wrel.data(), nullptr, nullptr, cft, dst, vpg, KK,
+                                                g);
           continue;
         }
         for (int64_t t = 0; t < KK; ++t) {
@@ -367,49 +438,162 @@ void forward_nhwc_fast(const T* X, const T* CFT, const T* SF, T* out, const Filt
           wsrc[t] = wbase + t;
         }
         filter_pixel_channels<T, mode, true>(nullptr, nullptr, nullptr, nullptr, src.data(), wsrc.data(), cft, dst, vpg,
-                                             g);
+                                             KK, g);
       }
     }
   });
 }
 
-// grad_x by gathering: input pixel q receives grad_out at the output pixels whose taps read q, each
-// weighted by that output pixel's filter (so no two tasks write the same value).
+// dst[j * dst_pitch + i] = src[i * src_pitch + j] for i < rows, j < cols, in L x L tiles.
+template <typename T>
+void transpose_matrix(const T* src, int64_t src_pitch, int64_t rows, int64_t cols, T* dst, int64_t dst_pitch) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::kLanes;
+  for (int64_t i0 = 0; i0 < rows; i0 += L) {
+    const int64_t ni = std::min(L, rows - i0);
+    for (int64_t j0 = 0; j0 < cols; j0 += L) {
+      const int64_t nj = std::min(L, cols - j0);
+      typename S::V r[L];
+      if (ni == L && nj == L) {
+        for (int64_t i = 0; i < L; ++i) r[i] = S::load(src + (i0 + i) * src_pitch + j0);
+        transpose<T>(r);
+        for (int64_t j = 0; j < L; ++j) S::store(dst + (j0 + j) * dst_pitch + i0, r[j]);
+      } else {  // a partial tile, padded with zeros
+        for (int64_t i = 0; i < L; ++i) r[i] = i < ni ? S::load(src + (i0 + i) * src_pitch + j0, nj) : typename S::V{};
+        transpose<T>(r);
+        for (int64_t j = 0; j < nj; ++j) S::store(dst + (j0 + j) * dst_pitch + i0, r[j], ni);
+      }
+    }
+  }
+}
+
+// Rows of a channels_last tensor transposed: row `row` of src, a (pixels, values) matrix, is kept as
+// (values, pitch) with pixel x at column pad + x and zeros around it, in one of a ring of slots, and
+// transposed only when its slot held another row.
+template <typename T>
+class TransposedRows {
+ public:
+  TransposedRows(const T* src, int64_t pixels, int64_t values, int64_t pitch, int64_t pad, int64_t slots)
+      : src_(src), pixels_(pixels), values_(values), pitch_(pitch), pad_(pad), slots_(slots),
+        data_(slots * values * pitch, T(0)), tag_(slots, -1) {}
+  const T* data() const { return data_.data(); }
+  // Offset in data() of row `row`, kept in slot `index` % slots.
+  int64_t offset(int64_t row, int64_t index) {
+    const int64_t slot = index % slots_, start = slot * values_ * pitch_;
+    if (tag_[slot] != row) {
+      tag_[slot] = row;
+      transpose_matrix(src_ + row * pixels_ * values_, values_, pixels_, values_, data_.data() + start + pad_, pitch_);
+    }
+    return start;
+  }
+
+ private:
+  const T* src_;
+  int64_t pixels_, values_, pitch_, pad_, slots_;
+  std::vector<T> data_;
+  std::vector<int64_t> tag_;
+};
+
+// grad_x by gathering, stride 1: input pixel q receives grad_out at the output pixels q - (dy, dx)
+// whose taps read it, each weighted by that output pixel's filter (no two tasks write the same
+// value). The weights come from SF's rows transposed to (G*KK, OW), one slot per kernel row: a tap's
+// weights for consecutive pixels are then consecutive (in SF they lie G*KK apart, and each input
+// pixel's taps would touch as many cache lines), and group g's lie KK * OW apart.
 template <typename T, Combine mode>
 void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
-  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, s = g.stride;
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
   const int64_t KK = g.taps(), GKK = g.groups * KK;
+  TORCH_CHECK(g.stride == 1 && OH == H && OW == W, "dynamic filter: the fast grad_x needs stride 1");
   const TapGeometry taps(g);
   const int vpg = vectors_per_group(g, Simd<T>::kLanes);
-  std::vector<int64_t> rel(KK), wrel(KK);  // stride 1: output pixel q - (dy, dx)
-  for (int64_t t = 0; t < KK; ++t) {
-    rel[t] = -(taps.dy[t] * OW + taps.dx[t]) * C;
-    wrel[t] = -(taps.dy[t] * OW + taps.dx[t]) * GKK + t;
-  }
+  std::vector<int64_t> rel(KK);  // output pixel q - (dy, dx)
+  for (int64_t t = 0; t < KK; ++t) rel[t] = -(taps.dy[t] * OW + taps.dx[t]) * C;
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
+    TransposedRows<T> rows(SF, OW, GKK, OW, 0, 2 * taps.reach + 1);
     std::vector<const T*> src(KK), wsrc(KK);
+    std::vector<int64_t> wrel(KK), slot(K);
     const std::vector<T> zero_pixel(C, T(0));
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / H, iy = row % H;
-      const bool inner_row = s == 1 && iy >= taps.reach && iy + taps.reach < OH;
+      bool inner_row = true;
+      for (int64_t i = 0; i < K; ++i) {  // kernel row i reads output row ny
+        const int64_t ny = iy - taps.dy[i * K];
+        slot[i] = ny >= 0 && ny < OH ? rows.offset(b * OH + ny, ny) : -1;
+        inner_row = inner_row && slot[i] >= 0;
+      }
+      for (int64_t t = 0; t < KK; ++t) wrel[t] = slot[t / K] + t * OW - taps.dx[t];
+      const T* ring = rows.data();
       const T* cft = CFT ? CFT + b * KK * C : nullptr;
-      const int64_t q0 = (b * OH + iy) * OW;  // output pixel at the row's start (stride 1)
+      const int64_t q0 = (b * OH + iy) * OW;  // output pixel at the row's start
       for (int64_t ix = 0; ix < W; ++ix) {
         T* dst = GX + (row * W + ix) * C;
         if (inner_row && ix >= taps.reach && ix + taps.reach < OW) {
-          filter_pixel_channels<T, mode, false>(GO + (q0 + ix) * C, rel.data(), SF + (q0 + ix) * GKK, wrel.data(),
-                                                nullptr, nullptr, cft, dst, vpg, g);
+          filter_pixel_channels<T, mode, false>(GO + (q0 + ix) * C, rel.data(), ring + ix, wrel.data(), nullptr,
+                                                nullptr, cft, dst, vpg, KK * OW, g);
           continue;
         }
         for (int64_t t = 0; t < KK; ++t) {
-          const int64_t ny = iy - taps.dy[t], nx = ix - taps.dx[t];
-          const bool hit = ny >= 0 && nx >= 0 && ny % s == 0 && nx % s == 0 && ny / s < OH && nx / s < OW;
-          const int64_t p = hit ? (b * OH + ny / s) * OW + nx / s : 0;
-          src[t] = hit ? GO + p * C : zero_pixel.data();
-          wsrc[t] = SF + p * GKK + t;
+          const int64_t nx = ix - taps.dx[t];
+          const bool hit = slot[t / K] >= 0 && nx >= 0 && nx < OW;
+          src[t] = hit ? GO + (q0 + ix) * C + rel[t] : zero_pixel.data();
+          wsrc[t] = hit ? ring + wrel[t] + ix : ring;
         }
         filter_pixel_channels<T, mode, true>(nullptr, nullptr, nullptr, nullptr, src.data(), wsrc.data(), cft, dst, vpg,
-                                             g);
+                                             KK * OW, g);
+      }
+    }
+  });
+}
+
+// grad_spatial_filter of involution at stride 1 with NCH channels per group, lanes over pixels: for
+// L consecutive output pixels x of a row, group g and tap t,
+//     GSF[x, g, t] = sum_c GO^T[c, x] * X^T[y + dy, c, x + dx]
+// from the rows of grad_out and of the input transposed to (C, pixels) (the input's padded with
+// `reach` zeros on either side), so every term is one vector multiply-add, with the group's NCH
+// rows of grad_out held in registers. The KK result vectors are transposed back to (pixel, tap).
+template <typename T, int NCH>
+void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterGeometry& g) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int64_t L = S::kLanes;
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
+  const int64_t KK = g.taps(), G = g.groups, GKK = G * KK;
+  TORCH_CHECK(g.stride == 1 && OH == H && OW == W && g.channels_per_group() == NCH,
+              "dynamic filter: the pixel-lane filter gradient needs stride 1 and ", NCH, " channels per group");
+  const TapGeometry taps(g);
+  const int64_t OWp = (OW + L - 1) / L * L, Wp = OWp + 2 * taps.reach;
+  at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
+    TransposedRows<T> input_rows(X, W, C, Wp, taps.reach, 2 * taps.reach + 1);
+    TransposedRows<T> grad_row(GO, OW, C, OWp, 0, 1);
+    const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
+    std::vector<const T*> rows(K);
+    std::vector<V> sums(GKK);  // per tap of every group, L pixels
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / OH, y = row % OH;
+      const T* go_t = grad_row.data() + grad_row.offset(row, 0);
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t iy = y + taps.dy[i * K];
+        rows[i] = iy >= 0 && iy < H ? input_rows.data() + input_rows.offset(b * H + iy, iy) : zero_row.data();
+      }
+      for (int64_t x0 = 0; x0 < OW; x0 += L) {
+        for (int64_t grp = 0; grp < G; ++grp) {
+          V go[NCH];
+          for (int c = 0; c < NCH; ++c) go[c] = S::load(go_t + (grp * NCH + c) * OWp + x0);
+          for (int64_t t0 = 0; t0 < KK; t0 += 4) {  // 4 taps at once: 4 independent sums
+            const T* xs[4];
+            for (int u = 0; u < 4; ++u) {
+              const int64_t t = std::min(t0 + u, KK - 1);
+              xs[u] = rows[t / K] + grp * NCH * Wp + x0 + taps.dx[t] + taps.reach;
+            }
+            V acc[4] = {};
+#pragma GCC unroll 16
+            for (int c = 0; c < NCH; ++c)
+              for (int u = 0; u < 4; ++u) acc[u] += go[c] * S::load(xs[u] + c * Wp);
+            for (int u = 0; u < 4 && t0 + u < KK; ++u) sums[grp * KK + t0 + u] = acc[u];
+          }
+        }
+        transpose_matrix(reinterpret_cast<const T*>(sums.data()), L, GKK, std::min(L, OW - x0),
+                         GSF + (row * OW + x0) * GKK, GKK);
       }
     }
   });
@@ -756,8 +940,15 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
         const bool fast = fast_channels<scalar_t>(g);
         if (fast && g.stride == 1) backward_input_nhwc_fast<scalar_t, M>(gop, cfp, sfp, gxp, g);
         else backward_input_nhwc_generic<scalar_t, M>(gop, cfp, sfp, gxp, g);
-        if (fast) backward_filters_nhwc_fast<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);
-        else backward_filters_nhwc_generic<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);
+        const int64_t cpg = g.channels_per_group();
+        if (M == Combine::kSpatialOnly && g.stride == 1 && cpg == 16)
+          backward_spatial_nhwc_pixels<scalar_t, 16>(gop, xp, gsfp, g);
+        else if (M == Combine::kSpatialOnly && g.stride == 1 && cpg == 8)
+          backward_spatial_nhwc_pixels<scalar_t, 8>(gop, xp, gsfp, g);
+        else if (fast)
+          backward_filters_nhwc_fast<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);
+        else
+          backward_filters_nhwc_generic<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);
         if (has_cf) gcf = gcft.transpose(1, 2).to(ct).contiguous();
       } else {
         if (has_cf) gcf = at::empty({g.batch, g.channels, g.taps()}, x.options());

@@ -6,7 +6,16 @@ traceback), 2 a usage error (click's), 130 interrupted.
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Large CPU tensors on transparent huge pages (PyTorch reads this once, at its first allocation, so
+# it is set before any command imports torch). glibc hands allocations over 32 MB back to the system
+# when they are freed, so every forward pass page-faults its large activations in afresh: RedNet's
+# involution kernels are 78 MB per stage-1 layer at batch 32. Measured with `dynrobust profile -b 32
+# --channels-last` on 2 CPU cores (benchmarks/RESULTS.md): rednet50 16-21% faster, rednet26 15-26%,
+# resnet50 about 5%. THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import click
 

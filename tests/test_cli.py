@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -281,3 +282,19 @@ def test_progress_bar_shows_only_on_a_terminal_when_enabled(monkeypatch):
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize("given,expected", [(None, "1"), ("0", "0")])
+def test_cli_turns_on_huge_pages_for_torch_unless_told_otherwise(given, expected):
+    # The setting must be in place before torch is first imported (it is read at its first
+    # allocation); a user's own value is kept.
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    code = "import os, robustbench_dyn.cli; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
+    # set at the top of the package, before any command module could have loaded torch
+    source = (Path(__file__).resolve().parents[1] / "cli" / "__init__.py").read_text()
+    assert source.index('os.environ.setdefault("THP_MEM_ALLOC_ENABLE"') < source.index("_register_commands()")

@@ -7,7 +7,7 @@
 // The output takes x's layout. half and bfloat16 inputs are computed in float32.
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -189,10 +189,11 @@ class ChannelGradPartial {
 
 // X (B, H, W, C), SF (B, OH, OW, G*KK), CFT = channel filter transposed to (B, KK, C).
 //
-// Fast path, when every 64-byte vector of channels (16 floats or 8 doubles: the lanes) lies inside
-// one group, so that one spatial weight per (pixel, tap) scales a whole vector:
-//   forward and grad_x: per output pixel, blocks of 4 channel vectors accumulate in registers over
-//   the taps inside the image (TapWindow: a window of kernel rows and columns, walked by pointer
+// Fast path, when every vector of channels (kVectorBytes below: 16 floats or 8 doubles with AVX-512,
+// 8 or 4 with AVX2, the lanes) lies inside one group, so that one spatial weight per (pixel, tap)
+// scales a whole vector:
+//   forward and grad_x: per output pixel, blocks of kBlockVectors channel vectors accumulate in
+//   registers over the taps inside the image (TapWindow: a window of kernel rows and columns, walked by pointer
 //   steps; all k*k taps for inner pixels) and are stored once. Offsets are computed once per call or
 //   row (a division per tap and pixel costs more than the tap).
 //   grad_x (stride 1) reads the weights from rows of SF transposed to (G*KK, OW).
@@ -205,23 +206,38 @@ class ChannelGradPartial {
 // Other channel layouts (C not a multiple of the lanes, or groups that split a vector) run the
 // generic loops further down.
 
-// A vector of 64 bytes (GCC/Clang vector extension): one AVX-512 register, two AVX2 or four SSE ones.
+// The widest vector register the build targets (-march=native): 64 bytes with AVX-512, 32 with AVX or
+// AVX2, else 16 (SSE, NEON). A wider GCC vector than the target's registers is not split into
+// registers but kept in memory: every multiply-add goes through the stack (on an AVX2 machine, 64-byte
+// vectors made the involution forward 6x slower than 32-byte ones).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
+// One such vector (GCC/Clang vector extension) of T.
 template <typename T>
 struct Simd {
-  typedef T V __attribute__((vector_size(64)));
-  static constexpr int kLanes = 64 / sizeof(T);
+  typedef T V __attribute__((vector_size(kVectorBytes)));
+  static constexpr int kLanes = kVectorBytes / sizeof(T);
   static V load(const T* p) {
     V v;
     std::memcpy(&v, p, sizeof(V));
     return v;
   }
   static void store(T* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
-  // the first n lanes only (the others load as zeros); masked moves where AVX-512 has them
+  // the first n lanes only (the others load as zeros); masked moves where AVX-512 or AVX2 have them
   static V load(const T* p, int64_t n) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
     if constexpr (sizeof(T) == 4) return reinterpret_cast<V>(_mm512_maskz_loadu_ps(m, p));
     else return reinterpret_cast<V>(_mm512_maskz_loadu_pd(static_cast<__mmask8>(m), p));
+#elif defined(__AVX2__)
+    if constexpr (sizeof(T) == 4) return reinterpret_cast<V>(_mm256_maskload_ps(p, mask(n)));
+    else return reinterpret_cast<V>(_mm256_maskload_pd(p, mask(n)));
 #else
     V v{};
     std::memcpy(&v, p, n * sizeof(T));
@@ -229,14 +245,26 @@ struct Simd {
 #endif
   }
   static void store(T* p, const V& v, int64_t n) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
     if constexpr (sizeof(T) == 4) _mm512_mask_storeu_ps(p, m, reinterpret_cast<__m512>(v));
     else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), reinterpret_cast<__m512d>(v));
+#elif defined(__AVX2__)
+    if constexpr (sizeof(T) == 4) _mm256_maskstore_ps(p, mask(n), reinterpret_cast<__m256>(v));
+    else _mm256_maskstore_pd(p, mask(n), reinterpret_cast<__m256d>(v));
 #else
     std::memcpy(p, &v, n * sizeof(T));
 #endif
   }
+#if !defined(__AVX512F__) && defined(__AVX2__)
+  // lanes [0, n) set (all bits), as the AVX2 masked moves want them
+  static __m256i mask(int64_t n) {
+    if constexpr (sizeof(T) == 4)
+      return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    else
+      return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+  }
+#endif
 };
 
 // Lane k of the result is lane Ix::at(k) of the concatenation (a, b).
@@ -247,7 +275,7 @@ inline typename Simd<T>::V shuffle(const typename Simd<T>::V& a, const typename 
   return __builtin_shufflevector(a, b, Ix::at(k)...);
 #else  // GCC before 12: the same permutation through __builtin_shuffle
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef I M __attribute__((vector_size(64)));
+  typedef I M __attribute__((vector_size(kVectorBytes)));
   return __builtin_shuffle(a, b, M{Ix::at(k)...});
 #endif
 }
@@ -329,10 +357,15 @@ struct TapGeometry {
   }
 };
 
-// How many consecutive channel vectors share a group's spatial weight: 0 = all of a 4-vector block.
+// Channel vectors per block of the forward and grad_x (one register each, each a chain of
+// multiply-adds over the taps): 4 with AVX-512's 32 registers of 16 floats; 8 with 16 narrower
+// registers, enough independent chains to keep both FMA units busy through their latency.
+constexpr int kBlockVectors = kVectorBytes == 64 ? 4 : 8;
+
+// How many consecutive channel vectors share a group's spatial weight: 0 = all of a block.
 inline int vectors_per_group(const FilterGeometry& g, int64_t lanes) {
   const int64_t vpg = g.channels_per_group() / lanes;
-  return g.groups == 1 || vpg % 4 == 0 ? 0 : static_cast<int>(vpg);
+  return g.groups == 1 || vpg % kBlockVectors == 0 ? 0 : static_cast<int>(vpg);
 }
 
 // The taps of one pixel that read inside the image: the window of kernel rows i0..i1 and columns
@@ -374,7 +407,7 @@ inline void filter_pixel(const T* base, const T* wbase, const TapWindow& win, in
   for (int v = 0; v < NV * kSplit; ++v) acc[v] = V{};
   // xs, ws, cw: the tap's input, spatial weight and channel weights (DDF; null for involution)
   auto tap = [&](const T* xs, const T* ws, const T* cw, int u) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
       T w;
       if constexpr (kVpg == 0) w = ws[0];
@@ -408,7 +441,7 @@ inline void filter_pixel(const T* base, const T* wbase, const TapWindow& win, in
   }
 }
 
-// All channel vectors of one pixel, in blocks of 4 vectors then single ones.
+// All channel vectors of one pixel, in blocks of kBlockVectors vectors, then 4, then single ones.
 template <typename T, Combine mode>
 inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow& win, const T* cft, T* dst, int vpg,
                                   int64_t group_stride, const FilterGeometry& g) {
@@ -422,9 +455,17 @@ inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow
                                       group_stride, dst + c0);
   };
   using I = std::integral_constant<int, 1>;
-  if (vpg == 0) blocks(std::integral_constant<int, 4>{}, std::integral_constant<int, 0>{});
-  else if (vpg == 1) blocks(std::integral_constant<int, 4>{}, I{});
-  else if (vpg == 2) blocks(std::integral_constant<int, 4>{}, std::integral_constant<int, 2>{});
+  // blocks start at multiples of kBlockVectors vectors, so where vpg divides kBlockVectors they
+  // start at a group's first channel; a 4-block within one group (vpg 0 or 4) reads v / 4 = 0
+  auto sizes = [&](auto kvpg) {
+    blocks(std::integral_constant<int, kBlockVectors>{}, kvpg);
+    if constexpr (kBlockVectors > 4) blocks(std::integral_constant<int, 4>{}, kvpg);
+  };
+  if (vpg == 0) sizes(std::integral_constant<int, 0>{});
+  else if (vpg == 1) sizes(I{});
+  else if (vpg == 2) sizes(std::integral_constant<int, 2>{});
+  else if (kBlockVectors > 4 && vpg == 4) sizes(std::integral_constant<int, 4>{});
+  if (vpg % 4 == 0) blocks(std::integral_constant<int, 4>{}, std::integral_constant<int, 0>{});  // vpg 12, 20, ...
   blocks(I{}, std::integral_constant<int, 0>{});
 }
 

@@ -43,6 +43,8 @@ def info_command(fmt):
         "cache_dir": str(native.cache_dir()),
         "sources": str(native.source_dir()),
         "cuda_archs": native.cuda_archs() if torch.version.cuda else None,
+        "cpu_arch": native.cpu_arch(),
+        "cpu_vector_bytes": int(torch.ops.dynrobust.cpu_vector_bytes()) if native.loaded_library() else None,
         **_toolchain(),
     }
     if fmt == "json":
@@ -53,6 +55,8 @@ def info_command(fmt):
         ("cpu tensors", f"{info.name}: {info.reason}"),
         ("cuda tensors", f"{info.cuda}: {info.cuda_reason}" if info.cuda else "no GPU visible"),
         ("library", report["library"] or "-"),
+        ("CPU target", f"-march={report['cpu_arch']} (set {native.ENV_CPU_ARCH} to build for another CPU)"
+         + (f"; vectors of {report['cpu_vector_bytes']} bytes" if report["cpu_vector_bytes"] else "")),
         ("build cache", report["cache_dir"]),
         ("sources", report["sources"]),
         ("torch", f"{report['torch']} (CUDA {report['torch_cuda'] or 'none'})"),

@@ -8,6 +8,7 @@ run wherever a GPU is present and skip otherwise.
 import itertools
 import json
 import os
+import platform
 import subprocess
 import sys
 import warnings
@@ -150,9 +151,10 @@ def test_channel_blocks_of_the_nhwc_kernels(built, channels, head):
 
 
 FAST_PATH_CASES = [
-    # (channels, head, groups): with 8 float64 lanes, DDF shares one weight per 4-vector block
-    # (head 1), has 2 vectors per head (48 / 3 = 16) or 3 (24 / 1 = 24 in 1-vector blocks);
-    # involution has one group per vector (C / 8) or per two (C / 16)
+    # (channels, head, groups): with 8 float64 lanes (AVX-512), DDF shares one weight per 4-vector
+    # block (head 1), has 2 vectors per head (48 / 3 = 16) or 3 (24 / 1 = 24 in 1-vector blocks);
+    # involution has one group per vector (C / 8) or per two (C / 16). With 4 lanes (AVX2) or 2
+    # (the narrow build below) the same cases split into other blocks.
     (24, 1, 3), (48, 3, 6), (64, 2, 4), (32, 1, 2),
 ]
 
@@ -184,8 +186,8 @@ def test_nhwc_fast_path_at_borders_and_every_width(built, channels, head, groups
 
 
 def test_float32_fast_path_matches_float64_reference(built):
-    # 16 float32 lanes: RedNet's 16 channels per group and DDF's one head, with a 7x7 involution
-    # (three 16-tap chunks of the filter gradient and a short last one).
+    # RedNet's 16 channels per group and DDF's one head, with a 7x7 involution (with 16 float32
+    # lanes, three 16-tap chunks of the filter gradient and a short last one; with 8, six and one).
     def check(op, inputs):
         out = op(*inputs)
         wide = [t.detach().double().requires_grad_() for t in inputs]
@@ -200,12 +202,12 @@ def test_float32_fast_path_matches_float64_reference(built):
     x, cf, sf = _ddf_inputs(2, 80, 11, 10, 3, 1, 1, dtype=torch.float32, channels_last=True)
     check(lambda *t: ops.ddf(*t, 3) if t[0].dtype == torch.float32 else ddf_reference(*t, 3, 1, 1, "mul", 1),
           [t.requires_grad_() for t in (x, cf, sf)])
-    # 37 pixels a row: two 16-pixel tiles of grad_x's transposed weights and a rest
+    # 37 pixels a row: two 16-pixel tiles of grad_x's transposed weights and a rest (or 4 of 8)
     x, kernel = _involution_inputs(2, 64, 11, 37, 7, 1, 4, dtype=torch.float32, channels_last=True)
     check(lambda *t: ops.involution(*t, 7) if t[0].dtype == torch.float32 else involution_reference(*t, 7),
           [x.requires_grad_(), kernel.requires_grad_()])
     # 8 channels per group: the filter gradient's pixel lanes with channels that are not a multiple
-    # of the 16 lanes (the forward and grad_x take the generic loops)
+    # of 16 lanes (with AVX-512 the forward and grad_x take the generic loops)
     x, kernel = _involution_inputs(2, 24, 9, 21, 3, 1, 3, dtype=torch.float32, channels_last=True)
     check(lambda *t: ops.involution(*t, 3) if t[0].dtype == torch.float32 else involution_reference(*t, 3),
           [x.requires_grad_(), kernel.requires_grad_()])
@@ -399,6 +401,55 @@ def test_build_key_follows_the_sources(monkeypatch, tmp_path):
     kernel.write_text(kernel.read_text() + "\n// changed\n")
     assert native.build_key(False) != key
     assert native.build_key(True) != native.build_key(False)
+
+
+def test_cpu_arch_comes_from_the_environment_and_is_checked(monkeypatch):
+    monkeypatch.delenv(native.ENV_CPU_ARCH, raising=False)
+    assert native.cpu_arch() == "native"
+    assert "-march=native" in native.cpu_flags()
+    key = native.build_key(False)
+    monkeypatch.setenv(native.ENV_CPU_ARCH, " x86-64-v3 ")
+    assert native.cpu_flags() == ["-O3", "-march=x86-64-v3", "-ffp-contract=fast", "-fopenmp"]
+    assert native.build_key(False) != key
+    monkeypatch.setenv(native.ENV_CPU_ARCH, "native -fplugin=evil.so")
+    with pytest.raises(DynrobustError, match="DYNROBUST_CPU_ARCH='native -fplugin=evil.so': not a -march name"):
+        native.cpu_flags()
+
+
+def _expected_vector_bytes() -> int:
+    # what the kernels must use: the widest vector registers of the build target (too wide and GCC
+    # keeps every vector on the stack, which made the kernels 3-6x slower on an AVX2 machine)
+    arch = native.cpu_arch()
+    if arch == "x86-64-v2":
+        return 16
+    assert arch == "native", f"no expectation for {arch}"
+    flags = ""
+    if os.path.exists("/proc/cpuinfo"):
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))), "")
+    words = set(flags.split())
+    return 64 if "avx512f" in words else 32 if "avx" in words else 16
+
+
+def test_cpu_vector_width_follows_the_build_target(built):
+    assert torch.ops.dynrobust.cpu_vector_bytes() == _expected_vector_bytes()
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or os.environ.get(native.ENV_CPU_ARCH) == "x86-64-v2",
+                    reason="the narrow build is an x86-64 target (and this is it)")
+def test_a_build_for_16_byte_vectors_passes_the_fast_path_tests(tmp_path):
+    # This machine's build runs the NHWC kernels with its own vector width only. A second build for
+    # SSE4.2 (x86-64-v2: 16-byte vectors, 4 float / 2 double lanes, as NEON has) runs the fast-path
+    # tests again in a fresh process: other tile sizes, partial tiles and block splits.
+    env = {**os.environ, native.ENV_CPU_ARCH: "x86-64-v2", native.ENV_CACHE: str(tmp_path),
+           native.ENV_BACKEND: "native"}
+    selection = ("vector_width or fast_path or channel_blocks or native_matches_reference or large_channels "
+                 "or non_contiguous")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", __file__,
+                             "-k", selection], env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    # the library was built for that target: its vectors are 16 bytes
+    assert "PASSED tests/test_ops.py::test_cpu_vector_width_follows_the_build_target" in result.stdout
+    assert len(list((tmp_path / "ops").glob("dynrobust_ops_cpu_*/*.so"))) == 1
 
 
 def test_environment_is_restored(monkeypatch):

@@ -55,6 +55,8 @@ TORCH_LIBRARY(dynrobust, m) {
         "str combine, int head) -> Tensor");
   m.def("ddf_backward(Tensor grad_out, Tensor x, Tensor channel_filter, Tensor spatial_filter, int kernel_size, "
         "int dilation, int stride, str combine, int head) -> (Tensor, Tensor, Tensor)");
+  // what the CPU kernels were compiled for (dynrobust ops info; no tensors, so one kernel for all)
+  m.def("cpu_vector_bytes() -> int", &cpu_vector_bytes);
 }
 
 TORCH_LIBRARY_IMPL(dynrobust, CPU, m) {

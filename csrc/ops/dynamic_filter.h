@@ -64,4 +64,7 @@ std::vector<at::Tensor> dynamic_filter_backward_cuda(const at::Tensor& grad_out,
 
 Combine parse_combine(c10::string_view combine);
 
+// Bytes per vector register the CPU kernels were compiled for (64 AVX-512, 32 AVX/AVX2, 16 otherwise).
+int64_t cpu_vector_bytes();
+
 }  // namespace dynrobust

@@ -2,7 +2,8 @@
 
 The sources are compiled just-in-time with ninja through ``torch.utils.cpp_extension`` into
 ``<cache>/ops/<key>/``, where the key hashes the sources, the torch and CUDA versions, the CUDA
-architectures and the CPU's instruction set (the CPU code is built with ``-march=native``).
+architectures, the target CPU (``-march=native`` unless ``$DYNROBUST_CPU_ARCH`` names another) and
+the instruction set of the CPU it is built on.
 A built library is loaded directly the next time, without calling the compiler.
 
 Which implementation runs is decided once per process and device type (:func:`backend_for`):
@@ -17,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import re
 import sys
 import threading
 import warnings
@@ -31,6 +33,7 @@ from robustbench_dyn.errors import DynrobustError
 
 ENV_BACKEND = "DYNROBUST_OPS"
 ENV_CACHE = "DYNROBUST_CACHE_DIR"
+ENV_CPU_ARCH = "DYNROBUST_CPU_ARCH"
 BACKENDS = ("native", "reference")
 
 CPU_SOURCES = ("ops/dynamic_filter.cpp", "ops/ddf.cpp", "ops/involution.cpp", "ops/cpu/dynamic_filter_kernel.cpp")
@@ -38,7 +41,8 @@ CUDA_SOURCES = ("ops/cuda/dynamic_filter_kernel.cu",)
 HEADERS = ("ops/dynamic_filter.h",)
 # -ffp-contract=fast: multiply-adds become FMAs (the default for GNU C++, not for the -std=c++17
 # that cpp_extension passes).
-CPU_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
+# -march comes from cpu_arch().
+CPU_FLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp")
 # Architectures compiled when no GPU is visible to pick them from (a compile check, or a build
 # for another machine): Ampere, Hopper. TORCH_CUDA_ARCH_LIST overrides.
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
@@ -63,6 +67,21 @@ def cache_dir() -> Path:
         return Path(os.environ[ENV_CACHE]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dynrobust"
+
+
+def cpu_arch() -> str:
+    """The ``-march`` the CPU kernels are compiled for: ``$DYNROBUST_CPU_ARCH`` (for instance
+    ``x86-64-v3`` for every AVX2 node of a cluster), else ``native``, this machine's CPU."""
+    value = os.environ.get(ENV_CPU_ARCH, "").strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value):
+        raise DynrobustError(f"{ENV_CPU_ARCH}={os.environ[ENV_CPU_ARCH]!r}: not a -march name "
+                             "(such as native, x86-64-v3, znver3 or armv8.2-a)")
+    return value
+
+
+def cpu_flags() -> list[str]:
+    """The compiler flags of the CPU code."""
+    return [CPU_FLAGS[0], f"-march={cpu_arch()}", *CPU_FLAGS[1:]]
 
 
 def _cpu_signature() -> str:
@@ -97,7 +116,7 @@ def build_key(with_cuda: bool) -> str:
     digest.update(f"torch={torch.__version__}|cuda={torch.version.cuda}|with_cuda={with_cuda}".encode())
     if with_cuda:
         digest.update(cuda_archs().encode())
-    digest.update(" ".join(CPU_FLAGS).encode())
+    digest.update(" ".join(cpu_flags()).encode())
     digest.update(_cpu_signature().encode())
     digest.update(sys.platform.encode())
     return digest.hexdigest()[:20]
@@ -206,7 +225,7 @@ def _compile(name: str, folder: Path, with_cuda: bool, verbose: bool):
     root = source_dir()
     sources = [str(root / rel) for rel in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     # the C++ standard is left to cpp_extension (it matches the installed torch's headers)
-    cflags = list(CPU_FLAGS)
+    cflags = cpu_flags()
     cuda_flags = ["-O3"] if with_cuda else None
     if with_cuda:
         cflags.append("-DDYNROBUST_WITH_CUDA")

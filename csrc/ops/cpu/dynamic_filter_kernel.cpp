@@ -940,6 +940,8 @@ void check_cpu_dtype(const at::Tensor& x, const char* what) {
 
 }  // namespace
 
+int64_t cpu_vector_bytes() { return kVectorBytes; }
+
 at::Tensor dynamic_filter_forward_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& cf_in,
                                       const at::Tensor& sf_in, const FilterGeometry& g, Combine mode) {
   check_cpu_dtype(x_in, "x");

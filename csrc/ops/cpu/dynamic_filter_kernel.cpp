@@ -638,25 +638,27 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
     TransposedRows<T> input_rows(X, W, C, Wp, taps.reach, 2 * taps.reach + 1);
     TransposedRows<T> grad_row(GO, OW, C, OWp, 0, 1);
     const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
-    std::vector<const T*> rows(K);
+    // per tap, its input row's column reach + dx: divisions by K here would cost as much as the
+    // multiply-adds they feed (3 idivs per 64 FMAs)
+    std::vector<const T*> tap_base(KK + 3);
     std::vector<V> sums(GKK);  // per tap of every group, L pixels
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
       const T* go_t = grad_row.data() + grad_row.offset(row, 0);
       for (int64_t i = 0; i < K; ++i) {
         const int64_t iy = y + taps.dy[i * K];
-        rows[i] = iy >= 0 && iy < H ? input_rows.data() + input_rows.offset(b * H + iy, iy) : zero_row.data();
+        const T* in = iy >= 0 && iy < H ? input_rows.data() + input_rows.offset(b * H + iy, iy) : zero_row.data();
+        for (int64_t j = 0; j < K; ++j) tap_base[i * K + j] = in + taps.dx[i * K + j] + taps.reach;
       }
+      for (int64_t t = KK; t < KK + 3; ++t) tap_base[t] = tap_base[KK - 1];  // the last quad's spare taps
       for (int64_t x0 = 0; x0 < OW; x0 += L) {
         for (int64_t grp = 0; grp < G; ++grp) {
           V go[NCH];
           for (int c = 0; c < NCH; ++c) go[c] = S::load(go_t + (grp * NCH + c) * OWp + x0);
+          const int64_t shift = grp * NCH * Wp + x0;
           for (int64_t t0 = 0; t0 < KK; t0 += 4) {  // 4 taps at once: 4 independent sums
             const T* xs[4];
-            for (int u = 0; u < 4; ++u) {
-              const int64_t t = std::min(t0 + u, KK - 1);
-              xs[u] = rows[t / K] + grp * NCH * Wp + x0 + taps.dx[t] + taps.reach;
-            }
+            for (int u = 0; u < 4; ++u) xs[u] = tap_base[t0 + u] + shift;
             V acc[4] = {};
 #pragma GCC unroll 16
             for (int c = 0; c < NCH; ++c)

@@ -410,6 +410,12 @@ def test_cpu_arch_comes_from_the_environment_and_is_checked(monkeypatch):
     key = native.build_key(False)
     monkeypatch.setenv(native.ENV_CPU_ARCH, " x86-64-v3 ")
     assert native.cpu_flags() == ["-O3", "-march=x86-64-v3", "-ffp-contract=fast", "-fopenmp"]
+    named = native.build_key(False)
+    assert named != key
+    # a build for a named target serves machines with other CPUs; a native one does not
+    monkeypatch.setattr(native, "_cpu_signature", lambda: "x86_64|other CPU|flags: sse2")
+    assert native.build_key(False) == named
+    monkeypatch.delenv(native.ENV_CPU_ARCH)
     assert native.build_key(False) != key
     monkeypatch.setenv(native.ENV_CPU_ARCH, "native -fplugin=evil.so")
     with pytest.raises(DynrobustError, match="DYNROBUST_CPU_ARCH='native -fplugin=evil.so': not a -march name"):

@@ -3,7 +3,7 @@
 The sources are compiled just-in-time with ninja through ``torch.utils.cpp_extension`` into
 ``<cache>/ops/<key>/``, where the key hashes the sources, the torch and CUDA versions, the CUDA
 architectures, the target CPU (``-march=native`` unless ``$DYNROBUST_CPU_ARCH`` names another) and
-the instruction set of the CPU it is built on.
+(for ``native``) the instruction set of the CPU it is built on.
 A built library is loaded directly the next time, without calling the compiler.
 
 Which implementation runs is decided once per process and device type (:func:`backend_for`):
@@ -117,7 +117,9 @@ def build_key(with_cuda: bool) -> str:
     if with_cuda:
         digest.update(cuda_archs().encode())
     digest.update(" ".join(cpu_flags()).encode())
-    digest.update(_cpu_signature().encode())
+    # -march=native code depends on this CPU; code for a named target only on the target, so one
+    # build serves every machine of the cluster that shares the cache
+    digest.update((_cpu_signature() if cpu_arch() == "native" else platform.machine()).encode())
     digest.update(sys.platform.encode())
     return digest.hexdigest()[:20]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -298,3 +299,39 @@ def test_cli_turns_on_huge_pages_for_torch_unless_told_otherwise(given, expected
     # set at the top of the package, before any command module could have loaded torch
     source = (Path(__file__).resolve().parents[1] / "cli" / "__init__.py").read_text()
     assert source.index('os.environ.setdefault("THP_MEM_ALLOC_ENABLE"') < source.index("_register_commands()")
+
+
+_MALLINFO = """
+import ctypes, sys
+from robustbench_dyn.cli import main
+try:
+    main(["--version"])
+except SystemExit:
+    pass
+libc = ctypes.CDLL(None)
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(64 << 20)
+mapped = libc.mallinfo2().hblkhd  # bytes in blocks glibc mapped on their own
+libc.free(ctypes.c_void_p(block))
+print(mapped >= 64 << 20, libc.mallinfo2().fordblks >= 64 << 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.parametrize("given,expected", [(None, "False True"), ("65536", "True False")])
+def test_cli_keeps_freed_memory_in_the_heap_unless_told_otherwise(given, expected):
+    # Measured through glibc itself: after the CLI's entry point, a 64 MB block comes from the heap
+    # and stays there, free for reuse, once released; with MALLOC_MMAP_MAX_ set by the user it is
+    # mapped on its own and handed back to the system (glibc's default).
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
+                                                            "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    if given is not None:
+        env["MALLOC_MMAP_MAX_"] = given
+    out = subprocess.run([sys.executable, "-c", _MALLINFO], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == expected

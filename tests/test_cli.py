@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from robustbench_dyn import __version__
-from robustbench_dyn.cli import app
+from robustbench_dyn.cli import _MALLOC_SETTINGS, app
 from robustbench_dyn.cli.demo import _GAP, _HEADER_HEIGHT, _LABEL_WIDTH, CONTACT_SHEET, THUMBNAIL
 from robustbench_dyn.corruptions import CORRUPTION_NAMES
 from robustbench_dyn.data.build_imagenet_c import build_imagenet_c, output_file_name
@@ -328,8 +328,7 @@ def test_cli_keeps_freed_memory_in_the_heap_unless_told_otherwise(given, expecte
     # Measured through glibc itself: after the CLI's entry point, a 64 MB block comes from the heap
     # and stays there, free for reuse, once released; with MALLOC_MMAP_MAX_ set by the user it is
     # mapped on its own and handed back to the system (glibc's default).
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_",
-                                                            "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+    env = {k: v for k, v in os.environ.items() if k not in _MALLOC_SETTINGS + ("GLIBC_TUNABLES",)}
     if given is not None:
         env["MALLOC_MMAP_MAX_"] = given
     out = subprocess.run([sys.executable, "-c", _MALLINFO], capture_output=True, text=True, env=env, timeout=120)

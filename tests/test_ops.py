@@ -429,10 +429,7 @@ def _expected_vector_bytes() -> int:
     if arch == "x86-64-v2":
         return 16
     assert arch == "native", f"no expectation for {arch}"
-    flags = ""
-    if os.path.exists("/proc/cpuinfo"):
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features"))), "")
-    words = set(flags.split())
+    words = set(native._cpu_signature().split())  # ends with /proc/cpuinfo's flags line
     return 64 if "avx512f" in words else 32 if "avx" in words else 16
 
 

@@ -193,8 +193,8 @@ class ChannelGradPartial {
 // 8 or 4 with AVX2, the lanes) lies inside one group, so that one spatial weight per (pixel, tap)
 // scales a whole vector:
 //   forward and grad_x: per output pixel, blocks of kBlockVectors channel vectors accumulate in
-//   registers over the taps inside the image (TapWindow: a window of kernel rows and columns, walked by pointer
-//   steps; all k*k taps for inner pixels) and are stored once. Offsets are computed once per call or
+//   registers over the taps inside the image (TapWindow: a window of kernel rows and columns,
+//   walked by pointer steps; all k*k taps for inner pixels) and are stored once. Offsets are computed once per call or
 //   row (a division per tap and pixel costs more than the tap).
 //   grad_x (stride 1) reads the weights from rows of SF transposed to (G*KK, OW).
 //   grad_spatial_filter of involution (stride 1, 8 or 16 channels per group): lanes over pixels,
@@ -481,7 +481,7 @@ inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow
   else if (vpg == 1) sizes(I{});
   else if (vpg == 2) sizes(std::integral_constant<int, 2>{});
   else if (kBlockVectors > 4 && vpg == 4) sizes(std::integral_constant<int, 4>{});
-  if (vpg % 4 == 0) blocks(std::integral_constant<int, 4>{}, std::integral_constant<int, 0>{});  // vpg 12, 20, ...
+  else if (vpg % 4 == 0) blocks(std::integral_constant<int, 4>{}, std::integral_constant<int, 0>{});  // vpg 12, 20, ...
   blocks(I{}, std::integral_constant<int, 0>{});
 }
 

@@ -489,6 +489,8 @@ def test_cli_ops_info_and_build(built):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["cpu"]["backend"] == ops.backend_info().name
+    assert report["cpu_arch"] == native.cpu_arch()
+    assert report["cpu_vector_bytes"] == _expected_vector_bytes()
     result = runner.invoke(app, ["ops", "build"])
     assert result.exit_code == 0, result.output
     assert str(built) in result.output

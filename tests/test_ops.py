@@ -213,6 +213,26 @@ def test_float32_fast_path_matches_float64_reference(built):
           [x.requires_grad_(), kernel.requires_grad_()])
 
 
+def test_tap_lane_filter_gradient_for_any_group_size(built):
+    # The 7x7 involution's filter gradient on rows of up to 32 pixels puts a kernel row's 7 taps in
+    # the lanes, so any number of channels per group works (3, 5 and 16 here); its last vector of a
+    # row spills into the next row, the pixel's last row must not. Width 33 takes the other kernels.
+    for channels, groups, width in ((15, 5, 28), (10, 2, 6), (48, 3, 1), (48, 3, 33)):
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+            x, kernel = _involution_inputs(2, channels, 7, width, 7, 1, groups, dtype=dtype, channels_last=True,
+                                           seed=width)
+            inputs = [x.requires_grad_(), kernel.requires_grad_()]
+            wide = [t.detach().double().requires_grad_() for t in inputs]
+            out = ops.involution(*inputs, 7)
+            ref = involution_reference(*wide, 7)
+            assert _max_diff(out, ref) < tol
+            grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+            got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+            want = torch.autograd.grad(ref, wide, grad_out)
+            for g, w in zip(got, want):
+                assert _max_diff(g, w) < tol * max(1.0, w.abs().max().item())
+
+
 def test_float32_large_channels_and_odd_sizes(built):
     # Channel counts beyond one 64-channel block of the NHWC kernel, not a multiple of it.
     for channels_last in (False, True):
@@ -445,8 +465,8 @@ def test_a_build_for_16_byte_vectors_passes_the_fast_path_tests(tmp_path):
     # tests again in a fresh process: other tile sizes, partial tiles and block splits.
     env = {**os.environ, native.ENV_CPU_ARCH: "x86-64-v2", native.ENV_CACHE: str(tmp_path),
            native.ENV_BACKEND: "native"}
-    selection = ("vector_width or fast_path or channel_blocks or native_matches_reference or large_channels "
-                 "or non_contiguous")
+    selection = ("vector_width or fast_path or tap_lane or channel_blocks or native_matches_reference "
+                 "or large_channels or non_contiguous")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", __file__,
                              "-k", selection], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

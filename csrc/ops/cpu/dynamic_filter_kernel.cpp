@@ -197,8 +197,11 @@ class ChannelGradPartial {
 //   walked by pointer steps; all k*k taps for inner pixels) and are stored once. Offsets are computed once per call or
 //   row (a division per tap and pixel costs more than the tap).
 //   grad_x (stride 1) reads the weights from rows of SF transposed to (G*KK, OW).
-//   grad_spatial_filter of involution (stride 1, 8 or 16 channels per group): lanes over pixels,
-//   from transposed rows of grad_out and of the input (backward_spatial_nhwc_pixels).
+//   grad_spatial_filter of a 7x7 involution (stride 1, dilation 1) on rows of up to 32 pixels, with
+//   vectors of 8 lanes or fewer, any channels per group: lanes over a kernel row's taps, from
+//   transposed rows of the input (backward_spatial_nhwc_taps).
+//   grad_spatial_filter of involution otherwise (stride 1, 8 or 16 channels per group): lanes over
+//   pixels, from transposed rows of grad_out and of the input (backward_spatial_nhwc_pixels).
 //   grad_spatial_filter otherwise: per output pixel and chunk of L taps, the products grad_out * input are
 //   summed over the group's channels in the lanes of p[tap], then a transposing add tree turns the
 //   L vectors into one whose lane j holds tap j.
@@ -527,8 +530,10 @@ void transpose_matrix(const T* src, int64_t src_pitch, int64_t rows, int64_t col
       const int64_t nj = std::min(L, cols - j0);
       typename S::V r[L];
       if (ni == L && nj == L) {
+#pragma GCC unroll 16
         for (int64_t i = 0; i < L; ++i) r[i] = S::load(src + (i0 + i) * src_pitch + j0);
         transpose<T>(r);
+#pragma GCC unroll 16
         for (int64_t j = 0; j < L; ++j) S::store(dst + (j0 + j) * dst_pitch + i0, r[j]);
       } else {  // a partial tile, padded with zeros
         for (int64_t i = 0; i < L; ++i) r[i] = i < ni ? S::load(src + (i0 + i) * src_pitch + j0, nj) : typename S::V{};
@@ -668,6 +673,70 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
         }
         transpose_matrix(reinterpret_cast<const T*>(sums.data()), L, GKK, std::min(L, OW - x0),
                          GSF + (row * OW + x0) * GKK, GKK);
+      }
+    }
+  });
+}
+
+// grad_spatial_filter of involution at stride 1 and dilation 1 with k = KS, lanes over the taps of a
+// kernel row: for output pixel (y, x), group g and kernel row i,
+//     GSF[y, x, g, i * K + j] = sum_c GO[y, x, c] * X^T[y + i - r, c, x + j - r],   j = 0 .. K-1,
+// the K taps of a row read K consecutive values of an input row transposed to (C, W) (zero padded):
+// the lanes of NVR vectors (one for k = 7 with 8 lanes), to which each channel adds GO[y, x, c]
+// times them. The pixel's G*K*K results are then stored in their own order with no transpose
+// back (the pixel-lane version's transpose of its results was a third of its time): a row's last
+// vector spills its spare lanes into the next row's first values, which the next store overwrites,
+// and the pixel's very last row stores only its K lanes. Blocks of kPixelBlock pixels, and within
+// them one group at a time, keep the input values in L1.
+constexpr int64_t kPixelBlock = 8;
+
+template <typename T, int KS>
+void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeometry& g) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes, NVR = (KS + L - 1) / L, R = (KS - 1) / 2;
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width;
+  const int64_t KK = g.taps(), G = g.groups, GKK = G * KK, cpg = g.channels_per_group();
+  TORCH_CHECK(g.stride == 1 && g.dilation == 1 && g.kernel_size == KS && OH == H && OW == W,
+              "dynamic filter: the tap-lane filter gradient needs stride 1, dilation 1 and k = ", KS);
+  const int64_t Wp = W - 1 + NVR * L;  // pixel x reads padded columns x .. x + NVR * L - 1
+  at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
+    TransposedRows<T> input_rows(X, W, C, Wp, R, KS);
+    const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / OH, y = row % OH;
+      const T* in[KS];
+      for (int i = 0; i < KS; ++i) {
+        const int64_t iy = y + i - R;
+        in[i] = iy >= 0 && iy < H ? input_rows.data() + input_rows.offset(b * H + iy, iy) : zero_row.data();
+      }
+      for (int64_t x0 = 0; x0 < OW; x0 += kPixelBlock) {
+        const int64_t x1 = std::min(OW, x0 + kPixelBlock);
+        for (int64_t grp = 0; grp < G; ++grp) {
+          const T* gop = GO + (row * OW + x0) * C + grp * cpg;
+          T* out = GSF + (row * OW + x0) * GKK + grp * KK;
+          const int64_t c0 = grp * cpg * Wp;
+          const bool last_group = grp == G - 1;
+          for (int64_t x = x0; x < x1; ++x, gop += C, out += GKK) {
+            V acc[KS][NVR] = {};
+            for (int64_t c = 0; c < cpg; ++c) {
+              const T go = gop[c];
+              const int64_t at = c0 + c * Wp + x;
+#pragma GCC unroll 16
+              for (int i = 0; i < KS; ++i)
+#pragma GCC unroll 4
+                for (int v = 0; v < NVR; ++v) acc[i][v] += S::load(in[i] + at + v * L) * go;
+            }
+#pragma GCC unroll 16
+            for (int i = 0; i < KS; ++i)
+#pragma GCC unroll 4
+              for (int v = 0; v < NVR; ++v) {
+                T* dst = out + i * KS + v * L;
+                if (last_group && i == KS - 1 && v == NVR - 1) S::store(dst, acc[i][v], KS - v * L);
+                else S::store(dst, acc[i][v]);
+              }
+          }
+        }
       }
     }
   });
@@ -1017,7 +1086,12 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
         if (fast && g.stride == 1) backward_input_nhwc_fast<scalar_t, M>(gop, cfp, sfp, gxp, g);
         else backward_input_nhwc_generic<scalar_t, M>(gop, cfp, sfp, gxp, g);
         const int64_t cpg = g.channels_per_group();
-        if (M == Combine::kSpatialOnly && g.stride == 1 && cpg == 16)
+        // tap lanes (k = 7 fills 7 of 8 lanes; not 16) beat pixel lanes by 5-25% on rows up to 28
+        // pixels and lost by 4-10% on rows of 40 and 56 (RESULTS.md, session 7)
+        if (M == Combine::kSpatialOnly && g.stride == 1 && g.dilation == 1 && g.kernel_size == 7 &&
+            kVectorBytes <= 32 && g.out_width <= 32)
+          backward_spatial_nhwc_taps<scalar_t, 7>(gop, xp, gsfp, g);
+        else if (M == Combine::kSpatialOnly && g.stride == 1 && cpg == 16)
           backward_spatial_nhwc_pixels<scalar_t, 16>(gop, xp, gsfp, g);
         else if (M == Combine::kSpatialOnly && g.stride == 1 && cpg == 8)
           backward_spatial_nhwc_pixels<scalar_t, 8>(gop, xp, gsfp, g);

@@ -684,9 +684,9 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
 // the K taps of a row read K consecutive values of an input row transposed to (C, W) (zero padded):
 // the lanes of NVR vectors (one for k = 7 with 8 lanes), to which each channel adds GO[y, x, c]
 // times them. The pixel's G*K*K results are then stored in their own order with no transpose
-// back (the pixel-lane version's transpose of its results was a third of its time): a row's last
-// vector spills its spare lanes into the next row's first values, which the next store overwrites,
-// and the pixel's very last row stores only its K lanes. Blocks of kPixelBlock pixels, and within
+// back (the pixel-lane version's transpose of its results took about a quarter of its time): a
+// row's last vector spills its spare lanes into the next row's first values, which the next store
+// overwrites, and the pixel's very last row stores only its K lanes. Blocks of kPixelBlock pixels, and within
 // them one group at a time, keep the input values in L1.
 constexpr int64_t kPixelBlock = 8;
 

@@ -194,8 +194,8 @@ class ChannelGradPartial {
 // scales a whole vector:
 //   forward and grad_x: per output pixel, blocks of kBlockVectors channel vectors accumulate in
 //   registers over the taps inside the image (TapWindow: a window of kernel rows and columns,
-//   walked by pointer steps; all k*k taps for inner pixels) and are stored once. Offsets are computed once per call or
-//   row (a division per tap and pixel costs more than the tap).
+//   walked by pointer steps; all k*k taps for inner pixels) and are stored once. Offsets are
+//   computed once per call or row (a division per tap and pixel costs more than the tap).
 //   grad_x (stride 1) reads the weights from rows of SF transposed to (G*KK, OW).
 //   grad_spatial_filter of a 7x7 involution (stride 1, dilation 1) on rows of up to 32 pixels, with
 //   vectors of 8 lanes or fewer, any channels per group: lanes over a kernel row's taps, from
@@ -563,6 +563,10 @@ class TransposedRows {
     }
     return start;
   }
+  // Row iy of image b (of H rows) transposed, or `outside` where iy lies outside the image.
+  const T* image_row(int64_t b, int64_t iy, int64_t H, const T* outside) {
+    return iy >= 0 && iy < H ? data() + offset(b * H + iy, iy) : outside;
+  }
 
  private:
   const T* src_;
@@ -652,7 +656,7 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
       const T* go_t = grad_row.data() + grad_row.offset(row, 0);
       for (int64_t i = 0; i < K; ++i) {
         const int64_t iy = y + taps.dy[i * K];
-        const T* in = iy >= 0 && iy < H ? input_rows.data() + input_rows.offset(b * H + iy, iy) : zero_row.data();
+        const T* in = input_rows.image_row(b, iy, H, zero_row.data());
         for (int64_t j = 0; j < K; ++j) tap_base[i * K + j] = in + taps.dx[i * K + j] + taps.reach;
       }
       for (int64_t t = KK; t < KK + 3; ++t) tap_base[t] = tap_base[KK - 1];  // the last quad's spare taps
@@ -686,8 +690,8 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
 // times them. The pixel's G*K*K results are then stored in their own order with no transpose
 // back (the pixel-lane version's transpose of its results took about a quarter of its time): a
 // row's last vector spills its spare lanes into the next row's first values, which the next store
-// overwrites, and the pixel's very last row stores only its K lanes. Blocks of kPixelBlock pixels, and within
-// them one group at a time, keep the input values in L1.
+// overwrites, and the pixel's very last row stores only its K lanes. Blocks of kPixelBlock pixels,
+// and within them one group at a time, keep the input values in L1.
 constexpr int64_t kPixelBlock = 8;
 
 template <typename T, int KS>
@@ -708,7 +712,7 @@ void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeo
       const T* in[KS];
       for (int i = 0; i < KS; ++i) {
         const int64_t iy = y + i - R;
-        in[i] = iy >= 0 && iy < H ? input_rows.data() + input_rows.offset(b * H + iy, iy) : zero_row.data();
+        in[i] = input_rows.image_row(b, iy, H, zero_row.data());
       }
       for (int64_t x0 = 0; x0 < OW; x0 += kPixelBlock) {
         const int64_t x1 = std::min(OW, x0 + kPixelBlock);

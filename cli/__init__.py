@@ -79,7 +79,7 @@ def keep_freed_memory() -> bool:
     glibc maps blocks over 32 MB (its largest mmap threshold) afresh on each allocation and unmaps
     them when freed, so a forward pass at batch 32 page-faults its large activations in again and
     the kernel zeroes every page. Kept in the heap, the next pass reuses them: `dynrobust profile
-    -b 32 --channels-last` on 2 CPU cores ran 15-25% faster (resnet50, rednet50, binet50_dcca,
+    -b 32 --channels-last` on 2 CPU cores ran 15-33% faster (resnet50, rednet50, binet50_dcca,
     ddf_resnet50; benchmarks/RESULTS.md), for a peak resident memory 30-50% higher. Left alone
     when the environment already sets one of glibc's malloc variables (MALLOC_MMAP_MAX_=65536
     restores glibc's default) or GLIBC_TUNABLES names a malloc tunable, and off glibc.

@@ -213,6 +213,26 @@ def test_float32_fast_path_matches_float64_reference(built):
           [x.requires_grad_(), kernel.requires_grad_()])
 
 
+@pytest.mark.parametrize("k,stride,dilation", [(1, 1, 1), (3, 1, 1), (3, 2, 1), (5, 1, 2), (7, 1, 1)])
+def test_ddf_filter_gradients_in_float32_on_the_fast_path(built, k, stride, dilation):
+    # Both filter gradients come from one pass per pixel (pairs of inner neighbours, single pixels at
+    # the borders and at a row's odd end), in chunks of taps whose size depends on the lanes
+    # (float32 here, float64 in the tests above). The channel filter's gradient sums over all pixels
+    # of an image, in pieces of at least 64 pixels: 2 images of 23 x 21 pixels cross both.
+    for channels, head, width in ((32, 1, 21), (48, 2, 6), (16, 2, 2)):
+        for combine in ("mul", "add"):
+            inputs = [t.requires_grad_() for t in _ddf_inputs(2, channels, 23, width, k, stride, head,
+                                                               dtype=torch.float32, channels_last=True, seed=k)]
+            wide = [t.detach().double().requires_grad_() for t in inputs]
+            out = ops.ddf(*inputs, k, dilation, stride, combine, head)
+            ref = ddf_reference(*wide, k, dilation, stride, combine, head)
+            grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            got = torch.autograd.grad(out, inputs, grad_out.float())
+            want = torch.autograd.grad(ref, wide, grad_out)
+            for g, w in zip(got, want):
+                assert _max_diff(g, w) < 1e-5 * max(1.0, w.abs().max().item())
+
+
 def test_tap_lane_filter_gradient_for_any_group_size(built):
     # The 7x7 involution's filter gradient on rows of up to 32 pixels puts a kernel row's 7 taps in
     # the lanes, so any number of channels per group works (3, 5 and 16 here); its last vector of a

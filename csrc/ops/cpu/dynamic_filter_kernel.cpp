@@ -202,10 +202,11 @@ class ChannelGradPartial {
 //   transposed rows of the input (backward_spatial_nhwc_taps).
 //   grad_spatial_filter of involution otherwise (stride 1, 8 or 16 channels per group): lanes over
 //   pixels, from transposed rows of grad_out and of the input (backward_spatial_nhwc_pixels).
-//   grad_spatial_filter otherwise: per output pixel and chunk of L taps, the products grad_out * input are
-//   summed over the group's channels in the lanes of p[tap], then a transposing add tree turns the
-//   L vectors into one whose lane j holds tap j.
-//   grad_channel_filter: per output row, tap and channel vector, a sum over the row's pixels.
+//   grad_spatial_filter otherwise, with grad_channel_filter in the same pass: per output pixel (or
+//   pair of inner neighbours) and chunk of taps, the products grad_out * input are summed over the
+//   group's channels in the lanes of p[tap], then a transposing add tree turns L such vectors into
+//   one whose lane j holds tap j (of pixel j / (L / 2) for a pair); the same products are added
+//   into a buffer of grad_channel_filter's (channel vector, tap) sums.
 // Other channel layouts (C not a multiple of the lanes, or groups that split a vector) run the
 // generic loops further down.
 
@@ -746,101 +747,177 @@ void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeo
   });
 }
 
-// grad_spatial_filter and grad_channel_filter (see the top of this section). grad_channel_filter is
-// accumulated per task in a (KK, C) buffer and added under a lock per image.
-template <typename T, Combine mode>
-void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* SF, T* GSF, T* GCFT,
-                                const FilterGeometry& g) {
+// The sum of v's lanes.
+template <typename T>
+inline T lane_total(const typename Simd<T>::V& v) {
+  T sum = 0;
+  for (int l = 0; l < Simd<T>::kLanes; ++l) sum += v[l];
+  return sum;
+}
+
+// Both filter gradients of P output pixels (1, or 2 neighbours of a row), one group and a chunk of
+// NT taps, in one pass over the group's channel vectors: u = grad_out * input at the tap is summed
+// over the channels into p (times the channel weight for 'mul') for grad_spatial_filter, and added
+// into the (channel vector, tap) sums of grad_channel_filter (times the spatial weight for 'mul'), so
+// grad_out and the input are loaded once for both; two pixels share the channel weights' loads and
+// one update of the sums.
+//   go, src[j], sw, gsf: pixel 0's grad_out, tap j's input pixel, spatial weights and their
+//   gradient at the chunk's first tap; pixel 1's lie out_step, in_step (stride * out_step) and
+//   weight_step values further on. The group starts at channel c0 and has `vectors` channel vectors.
+//   cfb, gcb: the channel weights and sums of the group's first channel vector at the chunk's first
+//   tap, in blocks of KK * L values per channel vector (tap j at j * L: constant offsets).
+// Tap sums: M = L / P taps per pixel share the transposing add tree (lane q * M + j: pixel q, tap
+// j); a tap M (NT = M + 1) is summed on its own.
+template <typename T, Combine mode, int P, int NT>
+inline void filter_grad_chunk(const T* go, int64_t out_step, const T* const* src, int64_t in_step, int64_t c0,
+                              const T* sw, int64_t weight_step, const T* cfb, T* gcb, int64_t vectors, int64_t KK,
+                              T* gsf) {
   using S = Simd<T>;
   using V = typename S::V;
-  constexpr int L = S::kLanes;
-  constexpr bool kChannel = mode != Combine::kSpatialOnly;
-  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width;
-  const int64_t KK = g.taps(), G = g.groups, GKK = G * KK, cpg = g.channels_per_group();
-  const TapGeometry taps(g);
-  std::mutex lock;
-  at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
-    ChannelGradPartial<T> partial(kChannel ? GCFT : nullptr, KK * C, lock, begin / OH);
-    const std::vector<T> zero_pixel(C, T(0));
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / OH, y = row % OH;
-      partial.enter_image(b);
-      const int64_t iy = y * g.stride;
-      const bool inner_row = iy >= taps.reach && iy + taps.reach < H;
-      for (int64_t x = 0; x < OW; ++x) {
-        const int64_t ix = x * g.stride;
-        const bool inner = inner_row && ix >= taps.reach && ix + taps.reach < W;
-        const T* gov = GO + (row * OW + x) * C;
-        T* gsf = GSF + (row * OW + x) * GKK;
-        for (int64_t t0 = 0; t0 < KK; t0 += L) {
-          const int nt = static_cast<int>(std::min<int64_t>(L, KK - t0));
-          const T* src[L];  // each tap's input pixel (all channels), zeros outside the image or the taps
-          const T* cfp[L];  // each tap's channel weights
-          for (int j = 0; j < L; ++j) {
-            const int64_t t = std::min<int64_t>(t0 + j, KK - 1), ty = iy + taps.dy[t], tx = ix + taps.dx[t];
-            const bool inside = j < nt && (inner || (ty >= 0 && ty < H && tx >= 0 && tx < W));
-            src[j] = inside ? X + ((b * H + ty) * W + tx) * C : zero_pixel.data();
-            if constexpr (mode == Combine::kMul) cfp[j] = CFT + (b * KK + t) * C;
-          }
-          for (int64_t grp = 0; grp < G; ++grp) {
-            if (nt <= 4) {  // a short last chunk (k = 7: 49 = 3 x 16 + 1): per-tap sums beat the tree
-              for (int j = 0; j < nt; ++j) {
-                V a{};
-                for (int64_t c = grp * cpg; c < (grp + 1) * cpg; c += L) {
-                  const V gx = S::load(gov + c) * S::load(src[j] + c);
-                  if constexpr (mode == Combine::kMul) a += gx * S::load(cfp[j] + c);
-                  else a += gx;
-                }
-                T sum = 0;
-                for (int l = 0; l < L; ++l) sum += a[l];
-                gsf[grp * KK + t0 + j] = sum;
-              }
-              continue;
-            }
-            V p[L];
-            for (int j = 0; j < L; ++j) p[j] = V{};
-            for (int64_t c = grp * cpg; c < (grp + 1) * cpg; c += L) {
-              const V go = S::load(gov + c);
-#pragma GCC unroll 16
-              for (int j = 0; j < L; ++j) {
-                const V gx = go * S::load(src[j] + c);
-                if constexpr (mode == Combine::kMul) p[j] += gx * S::load(cfp[j] + c);
-                else p[j] += gx;
-              }
-            }
-            alignas(64) T sums[L];
-            S::store(sums, lane_sums<T>(p));
-            std::copy(sums, sums + nt, gsf + grp * KK + t0);
-          }
-        }
+  constexpr int L = S::kLanes, M = L / P;
+  static_assert(NT <= M + 1, "a chunk has at most L / P + 1 taps");
+  V p[L], extra[P];  // p[q * M + j]: pixel q, tap j < M; extra[q]: pixel q, tap M
+  for (auto& v : p) v = V{};
+  for (auto& v : extra) v = V{};
+  for (int64_t v = 0; v < vectors; ++v) {
+    const int64_t c = c0 + v * L, o = v * KK * L;
+    V g[P];
+    for (int q = 0; q < P; ++q) g[q] = S::load(go + q * out_step + c);
+#pragma GCC unroll 17
+    for (int j = 0; j < NT; ++j) {
+      V u[P];
+      for (int q = 0; q < P; ++q) u[q] = g[q] * S::load(src[j] + q * in_step + c);
+      V cw{};
+      if constexpr (mode == Combine::kMul) cw = S::load(cfb + o + j * L);
+      for (int q = 0; q < P; ++q) {
+        V& a = j < M ? p[q * M + j] : extra[q];
+        if constexpr (mode == Combine::kMul) a += u[q] * cw;
+        else a += u[q];
       }
-      if constexpr (kChannel) {  // this row's share of grad_channel_filter: per tap, a sum over pixels
-        const int64_t s = g.stride;
-        for (int64_t t = 0; t < KK; ++t) {
-          const int64_t ty = iy + taps.dy[t];
-          int64_t x0, x1;
-          valid_range(taps.dx[t], s, W, OW, x0, x1);
-          if (ty < 0 || ty >= H || x0 > x1) continue;
-          for (int64_t c = 0; c < C; c += L) {
-            const T* xp = X + ((b * H + ty) * W + x0 * s + taps.dx[t]) * C + c;
-            const T* gp = GO + (row * OW + x0) * C + c;
-            const T* wp = SF + (row * OW + x0) * GKK + c / cpg * KK + t;
-            V a[4] = {};
-            auto term = [&](int64_t u) {
-              const V gx = S::load(gp + u * C) * S::load(xp + u * s * C);
-              if constexpr (mode == Combine::kMul) return gx * wp[u * GKK];
-              else return gx;
-            };
-            int64_t x = x0;
-            for (; x + 3 <= x1; x += 4, gp += 4 * C, xp += 4 * s * C, wp += 4 * GKK)
-              for (int u = 0; u < 4; ++u) a[u] += term(u);
-            for (; x <= x1; ++x, gp += C, xp += s * C, wp += GKK) a[0] += term(0);
-            T* pc = partial.data() + t * C + c;
-            S::store(pc, S::load(pc) + (a[0] + a[1]) + (a[2] + a[3]));
-          }
+      if constexpr (mode != Combine::kSpatialOnly) {
+        V sum = S::load(gcb + o + j * L);
+        for (int q = 0; q < P; ++q) {
+          if constexpr (mode == Combine::kMul) sum += u[q] * sw[q * weight_step + j];
+          else sum += u[q];
         }
+        S::store(gcb + o + j * L, sum);
       }
     }
+  }
+  if constexpr (NT == 1) {
+    for (int q = 0; q < P; ++q) gsf[q * weight_step] = lane_total<T>(p[q * M]);
+  } else if constexpr (P == 1 && NT >= L) {
+    S::store(gsf, lane_sums<T>(p));
+  } else {
+    alignas(64) T sums[L];
+    S::store(sums, lane_sums<T>(p));
+    for (int q = 0; q < P; ++q) std::memcpy(gsf + q * weight_step, sums + q * M, std::min(NT, M) * sizeof(T));
+  }
+  if constexpr (NT > M)
+    for (int q = 0; q < P; ++q) gsf[q * weight_step + M] = lane_total<T>(extra[q]);
+}
+
+// grad_spatial_filter and grad_channel_filter, fused (filter_grad_chunk) per output pixel, or pair
+// of neighbouring pixels whose taps all read inside the image, group and chunk of taps.
+// grad_channel_filter is summed in a task's (channel vector, tap, lane) buffer, added every 64
+// pixels or more (at a row's end) into the task's share of the image (ChannelGradPartial), in the
+// same blocked layout: GCFB is (B, C / L, KK, L).
+template <typename T, Combine mode>
+void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* SF, T* GSF, T* GCFB,
+                                const FilterGeometry& g) {
+  using S = Simd<T>;
+  constexpr int L = S::kLanes;
+  constexpr bool kChannel = mode != Combine::kSpatialOnly;
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, s = g.stride;
+  const int64_t KK = g.taps(), G = g.groups, GKK = G * KK, cpg = g.channels_per_group();
+  const TapGeometry taps(g);
+  // chunks of M = L / P taps, the last of up to M + 1: an odd k's k * k is 1 more than a multiple
+  // of 8, so the last chunk has M + 1 taps, or 9 (P = 1 and AVX-512 floats: 9 = 9, 25 = 16 + 9), or
+  // 1 (k = 1)
+  auto chunks_of = [&](int64_t M) {
+    std::vector<std::pair<int64_t, int64_t>> chunks;
+    for (int64_t t0 = 0; t0 < KK;) {
+      const int64_t n = KK - t0 <= M + 1 ? KK - t0 : M;
+      TORCH_INTERNAL_ASSERT(n == M || n == M + 1 || n == 9 || n == 1, "dynamic filter: a chunk of ", n, " taps");
+      chunks.emplace_back(t0, n);
+      t0 += n;
+    }
+    return chunks;
+  };
+  const auto single_chunks = chunks_of(L), pair_chunks = chunks_of(L / 2);
+  std::vector<int64_t> offset(KK);  // tap t's input pixel from an inner pixel's own, in values
+  for (int64_t t = 0; t < KK; ++t) offset[t] = (taps.dy[t] * W + taps.dx[t]) * C;
+  std::mutex lock;
+  at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
+    ChannelGradPartial<T> partial(kChannel ? GCFB : nullptr, KK * C, lock, begin / OH);
+    std::vector<T> cfb(mode == Combine::kMul ? KK * C : 0);  // the image's channel filter, blocked
+    std::vector<T> sums(kChannel ? KK * C : 0, T(0));
+    int64_t image = -1, pending = 0;
+    auto add_sums = [&] {
+      T* dst = partial.data();
+      for (int64_t i = 0; i < KK * C; i += L) S::store(dst + i, S::load(dst + i) + S::load(sums.data() + i));
+      std::fill(sums.begin(), sums.end(), T(0));
+      pending = 0;
+    };
+    const std::vector<T> zero_pixel(C, T(0));
+    std::vector<const T*> src(KK);
+    // pixels x (and x + 1 when P = 2) of output row `row`, whose taps read src
+    auto pixels = [&](auto pixel_count, int64_t row, int64_t x, const auto& chunks) {
+      constexpr int P = decltype(pixel_count)::value, M = L / P;
+      const T* gov = GO + (row * OW + x) * C;
+      const T* sw = SF + (row * OW + x) * GKK;
+      T* gsf = GSF + (row * OW + x) * GKK;
+      for (int64_t grp = 0; grp < G; ++grp) {
+        const int64_t c0 = grp * cpg, v0 = c0 / L;
+        for (const auto& [t0, n] : chunks) {
+          const int64_t at = v0 * KK * L + t0 * L, w = grp * KK + t0;
+          auto chunk = [&](auto nt) {
+            filter_grad_chunk<T, mode, P, decltype(nt)::value>(
+                gov, C, src.data() + t0, s * C, c0, sw + w, GKK, mode == Combine::kMul ? cfb.data() + at : nullptr,
+                kChannel ? sums.data() + at : nullptr, cpg / L, KK, gsf + w);
+          };
+          if (n == M) chunk(std::integral_constant<int, M>{});
+          else if (n == M + 1) chunk(std::integral_constant<int, M + 1>{});
+          else if (n == 1) chunk(std::integral_constant<int, 1>{});
+          else if constexpr (M + 1 > 9) chunk(std::integral_constant<int, 9>{});  // n == 9 (checked above)
+        }
+      }
+    };
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / OH, iy = row % OH * s;
+      if (kChannel && b != image) {
+        if (pending > 0) add_sums();
+        partial.enter_image(b);
+        image = b;
+        if constexpr (mode == Combine::kMul)
+          for (int64_t t = 0; t < KK; ++t)
+            for (int64_t c = 0; c < C; ++c) cfb[(c / L * KK + t) * L + c % L] = CFT[(b * KK + t) * C + c];
+      }
+      const bool inner_row = iy >= taps.reach && iy + taps.reach < H;
+      auto inner = [&](int64_t x) { return inner_row && x * s >= taps.reach && x * s + taps.reach < W; };
+      for (int64_t x = 0; x < OW;) {
+        const int64_t ix = x * s;
+        const T* base = X + ((b * H + iy) * W + ix) * C;
+        if (inner(x)) {
+          for (int64_t t = 0; t < KK; ++t) src[t] = base + offset[t];
+        } else {
+          for (int64_t t = 0; t < KK; ++t) {
+            const int64_t ty = iy + taps.dy[t], tx = ix + taps.dx[t];
+            src[t] = ty >= 0 && ty < H && tx >= 0 && tx < W ? base + offset[t] : zero_pixel.data();
+          }
+        }
+        if (x + 1 < OW && inner(x) && inner(x + 1)) {
+          pixels(std::integral_constant<int, 2>{}, row, x, pair_chunks);
+          x += 2;
+        } else {
+          pixels(std::integral_constant<int, 1>{}, row, x, single_chunks);
+          x += 1;
+        }
+      }
+      pending += OW;
+      if (kChannel && pending >= 64) add_sums();
+    }
+    if (pending > 0 && kChannel) add_sums();
   });
 }
 
@@ -1076,7 +1153,8 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
     dispatch_mode(mode, [&](auto m) {
       constexpr Combine M = decltype(m)::value;
       if (nhwc) {
-        // channel-filter gradient accumulated in (B, KK, C) at float precision or better
+        // channel-filter gradient accumulated at float precision or better, in (B, KK, C), or in blocks
+        // (B, C / L, KK, L) on the fast path
         at::Tensor gcft = has_cf ? at::zeros({g.batch, g.taps(), g.channels}, x.options().dtype(
                                                                                    c10::CppTypeToScalarType<at::opmath_type<scalar_t>>::value))
                                  : at::Tensor();
@@ -1103,7 +1181,13 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
           backward_filters_nhwc_fast<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);
         else
           backward_filters_nhwc_generic<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);
-        if (has_cf) gcf = gcft.transpose(1, 2).to(ct).contiguous();
+        if (has_cf && fast) {  // (B, C / L, KK, L) blocks
+          const int64_t L = Simd<scalar_t>::kLanes;
+          gcf = gcft.view({g.batch, g.channels / L, g.taps(), L}).permute({0, 1, 3, 2}).reshape({g.batch, g.channels, g.taps()});
+          gcf = gcf.to(ct).contiguous();
+        } else if (has_cf) {
+          gcf = gcft.transpose(1, 2).to(ct).contiguous();
+        }
       } else {
         if (has_cf) gcf = at::empty({g.batch, g.channels, g.taps()}, x.options());
         backward_input_nchw<scalar_t, M>(go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), cfp,

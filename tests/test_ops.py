@@ -233,6 +233,33 @@ def test_ddf_filter_gradients_in_float32_on_the_fast_path(built, k, stride, dila
                 assert _max_diff(g, w) < 1e-5 * max(1.0, w.abs().max().item())
 
 
+@pytest.mark.parametrize("k,stride,dilation,height", [(1, 2, 1, 70), (3, 2, 1, 67), (7, 2, 2, 75), (3, 3, 1, 80)])
+def test_strided_grad_x_by_bands_of_rows(built, k, stride, dilation, height, monkeypatch):
+    # At strides over 1 each output pixel scatters its gradient into grad_x, in bands of 8 output
+    # rows or more taken even bands first, then odd ones; each band zeroes the rows it writes
+    # first. 67 to 80 rows make 4 or 5 bands (a last one even or odd, short or whole); k = 1 at
+    # stride 2 leaves rows and columns no tap reads, whose gradient is 0. With deterministic
+    # algorithms on, torch fills fresh tensors with NaN, so a row nobody zeroed shows.
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        for width in (9, 16):
+            x, cf, sf = _ddf_inputs(2, 16, height, width, k, stride, 2, channels_last=True, seed=height)
+            inputs = [t.requires_grad_() for t in (x, cf, sf)]
+            out = ops.ddf(*inputs, k, dilation, stride, "mul", 2)
+            ref = ddf_reference(*inputs, k, dilation, stride, "mul", 2)
+            for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
+                assert _max_diff(got, want) < 1e-12
+            xi, kernel = _involution_inputs(2, 16, height, width, k, stride, 2, channels_last=True, seed=height)
+            inputs = [xi.requires_grad_(), kernel.requires_grad_()]
+            out = ops.involution(*inputs, k, dilation, stride)
+            ref = involution_reference(*inputs, k, dilation, stride)
+            for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
+                assert _max_diff(got, want) < 1e-12
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_tap_lane_filter_gradient_for_any_group_size(built):
     # The 7x7 involution's filter gradient on rows of up to 32 pixels puts a kernel row's 7 taps in
     # the lanes, so any number of channels per group works (3, 5 and 16 here); its last vector of a

@@ -196,7 +196,9 @@ class ChannelGradPartial {
 //   registers over the taps inside the image (TapWindow: a window of kernel rows and columns,
 //   walked by pointer steps; all k*k taps for inner pixels) and are stored once. Offsets are
 //   computed once per call or row (a division per tap and pixel costs more than the tap).
-//   grad_x (stride 1) reads the weights from rows of SF transposed to (G*KK, OW).
+//   grad_x (stride 1) reads the weights from rows of SF transposed to (G*KK, OW). At larger strides
+//   grad_x is scattered: each output pixel adds grad_out times its weights to its taps' inputs, in
+//   the forward's loop (backward_input_nhwc_scatter).
 //   grad_spatial_filter of a 7x7 involution (stride 1, dilation 1) on rows of up to 32 pixels, with
 //   vectors of 8 lanes or fewer, any channels per group: lanes over a kernel row's taps, from
 //   transposed rows of the input (backward_spatial_nhwc_taps).
@@ -409,6 +411,22 @@ inline std::pair<int64_t, int64_t> inside_taps(int64_t p, int64_t size, const Fi
   return {lo, hi};
 }
 
+// Calls at(xo, wo, t, u) for the taps of `win` in order: xo and wo are the tap's offsets from the
+// pixel's input and weights, t its index, u its place in the current run of kSplit taps (a kernel
+// row's last taps may run singly, u = 0). Offsets, not pointers, step through the window: a pointer
+// one step past its last tap could lie outside the tensor.
+template <int kSplit, typename F>
+inline void for_each_tap(const TapWindow& win, F&& at) {
+  const int64_t col = win.col, wcol = win.wcol;
+  for (int64_t i = win.i0; i <= win.i1; ++i) {
+    int64_t xo = win.row[i] + win.j0 * col, wo = win.wrow[i] + win.j0 * wcol, t = i * win.K + win.j0;
+    int64_t j = win.j0;
+    for (; j + kSplit - 1 <= win.j1; j += kSplit)
+      for (int u = 0; u < kSplit; ++u, xo += col, wo += wcol, ++t) at(xo, wo, t, u);
+    for (; j <= win.j1; ++j, xo += col, wo += wcol, ++t) at(xo, wo, t, 0);
+  }
+}
+
 // One pixel and NV vectors of channels starting at c0: dst[v] = sum_t X_t[v] * W_t[v] over the taps
 // of `win`, accumulated in registers. wg: offset of the first vector's group among the weights;
 // kVpg: 0 when the NV vectors share that group, else vector v's group is v / kVpg groups further
@@ -439,21 +457,11 @@ inline void filter_pixel(const T* base, const T* wbase, const TapWindow& win, in
       else a += xv * w;
     }
   };
-  // offsets, not pointers, step through the window: a pointer one step past its last tap could lie
-  // outside the tensor
-  const int64_t col = win.col, wcol = win.wcol;
-  auto at = [&](int64_t xo, int64_t wo, int64_t t, int u) {
+  for_each_tap<kSplit>(win, [&](int64_t xo, int64_t wo, int64_t t, int u) {
     const T* cw = nullptr;
     if constexpr (mode != Combine::kSpatialOnly) cw = cft + t * C;
     tap(base + xo + c0, wbase + wo + wg, cw, u);
-  };
-  for (int64_t i = win.i0; i <= win.i1; ++i) {
-    int64_t xo = win.row[i] + win.j0 * col, wo = win.wrow[i] + win.j0 * wcol, t = i * win.K + win.j0;
-    int64_t j = win.j0;
-    for (; j + kSplit - 1 <= win.j1; j += kSplit)
-      for (int u = 0; u < kSplit; ++u, xo += col, wo += wcol, ++t) at(xo, wo, t, u);
-    for (; j <= win.j1; ++j, xo += col, wo += wcol, ++t) at(xo, wo, t, 0);
-  }
+  });
   for (int v = 0; v < NV; ++v) {
     V sum = acc[v];
     for (int u = 1; u < kSplit; ++u) sum += acc[u * NV + v];
@@ -461,8 +469,39 @@ inline void filter_pixel(const T* base, const T* wbase, const TapWindow& win, in
   }
 }
 
-// All channel vectors of one pixel, in blocks of kBlockVectors vectors, then 4, then single ones.
-template <typename T, Combine mode>
+// The transpose of filter_pixel, for grad_x: one output pixel's grad_out (NV vectors of channels
+// from c0) times each tap's weights is added to grad_x at the tap's input, gx[tap][v] += go[v] *
+// W_t[v]; gx: grad_x at the pixel's own input position (tap offsets as in filter_pixel), the other
+// arguments as there (cft: the image's channel weights, not offset by c0).
+template <typename T, Combine mode, int NV, int kVpg>
+inline void scatter_pixel(const T* go, T* gx, const T* wbase, const TapWindow& win, int64_t c0, int64_t wg,
+                          const T* cft, int64_t C, int64_t group_stride) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  V g[NV];
+  for (int v = 0; v < NV; ++v) g[v] = S::load(go + c0 + v * L);
+  for_each_tap<1>(win, [&](int64_t xo, int64_t wo, int64_t t, int) {
+    const T* ws = wbase + wo + wg;
+    T* q = gx + xo + c0;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      T w;
+      if constexpr (kVpg == 0) w = ws[0];
+      else w = ws[v / kVpg * group_stride];
+      V add;
+      if constexpr (mode == Combine::kMul) add = g[v] * (S::load(cft + t * C + c0 + v * L) * w);
+      else if constexpr (mode == Combine::kAdd) add = g[v] * (S::load(cft + t * C + c0 + v * L) + w);
+      else add = g[v] * w;
+      S::store(q + v * L, S::load(q + v * L) + add);
+    }
+  });
+}
+
+// All channel vectors of one pixel, in blocks of kBlockVectors vectors, then 4, then single ones:
+// filter_pixel, or with kScatter scatter_pixel (base: the output pixel's grad_out; dst: grad_x at
+// its input position).
+template <typename T, Combine mode, bool kScatter = false>
 inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow& win, const T* cft, T* dst, int vpg,
                                   int64_t group_stride, const FilterGeometry& g) {
   constexpr int64_t L = Simd<T>::kLanes;
@@ -470,9 +509,13 @@ inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow
   int64_t c0 = 0;
   auto blocks = [&](auto nv, auto kvpg) {
     constexpr int NV = decltype(nv)::value, kVpg = decltype(kvpg)::value;
-    for (; c0 + NV * L <= C; c0 += NV * L)
-      filter_pixel<T, mode, NV, kVpg>(base, wbase, win, c0, c0 / cpg * group_stride, cft ? cft + c0 : nullptr, C,
-                                      group_stride, dst + c0);
+    for (; c0 + NV * L <= C; c0 += NV * L) {
+      if constexpr (kScatter)
+        scatter_pixel<T, mode, NV, kVpg>(base, dst, wbase, win, c0, c0 / cpg * group_stride, cft, C, group_stride);
+      else
+        filter_pixel<T, mode, NV, kVpg>(base, wbase, win, c0, c0 / cpg * group_stride, cft ? cft + c0 : nullptr, C,
+                                        group_stride, dst + c0);
+    }
   };
   using I = std::integral_constant<int, 1>;
   // blocks start at multiples of kBlockVectors vectors, so where vpg divides kBlockVectors they
@@ -489,35 +532,100 @@ inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow
   blocks(I{}, std::integral_constant<int, 0>{});
 }
 
+// The forward's walk over an output row: tap (i, j) of output pixel (y, x) reads the input ((i - r)
+// * d, (j - r) * d) pixels from (y * s, x * s), and weight i * K + j; row(r, pixel) calls
+// pixel(x, win, wbase) for each pixel x of output row r (over all images) with the window of its taps
+// inside the image and its weights.
+template <typename T>
+class OutputRowWalk {
+ public:
+  OutputRowWalk(const T* SF, const FilterGeometry& g)
+      : SF_(SF), g_(g), GKK_(g.groups * g.taps()), xrow_(g.kernel_size), wrow_(g.kernel_size), columns_(g.out_width) {
+    const int64_t K = g.kernel_size, r = g.radius(), d = g.dilation;
+    for (int64_t i = 0; i < K; ++i) xrow_[i] = ((i - r) * d * g.width - r * d) * g.channels, wrow_[i] = i * K;
+    for (int64_t x = 0; x < g.out_width; ++x) columns_[x] = inside_taps(x * g.stride, g.width, g);
+  }
+  template <typename F>
+  void row(int64_t row, F&& pixel) const {
+    const int64_t OW = g_.out_width, GKK = GKK_;
+    const auto rows = inside_taps(row % g_.out_height * g_.stride, g_.height, g_);
+    TapWindow win{xrow_.data(), wrow_.data(), g_.dilation * g_.channels, 1, g_.kernel_size, rows.first, rows.second,
+                  0, -1};
+    for (int64_t x = 0; x < OW; ++x) {
+      const T* wbase = SF_ + (row * OW + x) * GKK;
+      // the weights of the pixel 4 ahead (involution: G*KK values, 784 bytes per pixel for RedNet's
+      // stage 1): the stride prefetcher misses them often enough to cost about a fifth of the time
+      // (the one-thread forward on 32x64x56x56 went from 19.0 to 15.3 ms)
+      for (int64_t i = 0; i < GKK; i += 64 / sizeof(T)) __builtin_prefetch(wbase + 4 * GKK + i);
+      win.j0 = columns_[x].first, win.j1 = columns_[x].second;
+      pixel(x, win, wbase);
+    }
+  }
+
+ private:
+  const T* SF_;
+  const FilterGeometry& g_;
+  int64_t GKK_;
+  std::vector<int64_t> xrow_, wrow_;
+  std::vector<std::pair<int64_t, int64_t>> columns_;  // each output column's window columns
+};
+
 template <typename T, Combine mode>
 void forward_nhwc_fast(const T* X, const T* CFT, const T* SF, T* out, const FilterGeometry& g) {
-  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, s = g.stride;
-  const int64_t K = g.kernel_size, KK = g.taps(), GKK = g.groups * KK;
-  const int64_t r = g.radius(), d = g.dilation;
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, s = g.stride, KK = g.taps();
   const int vpg = vectors_per_group(g, Simd<T>::kLanes);
-  // tap (i, j) reads the input ((i - r) * d, (j - r) * d) pixels away, and weight i * K + j
-  std::vector<int64_t> xrow(K), wrow(K);
-  for (int64_t i = 0; i < K; ++i) xrow[i] = ((i - r) * d * W - r * d) * C, wrow[i] = i * K;
-  std::vector<std::pair<int64_t, int64_t>> columns(OW);  // each output column's window columns
-  for (int64_t x = 0; x < OW; ++x) columns[x] = inside_taps(x * s, W, g);
+  const OutputRowWalk<T> walk(SF, g);
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, iy = row % OH * s;
-      const auto rows = inside_taps(iy, H, g);
-      TapWindow win{xrow.data(), wrow.data(), d * C, 1, K, rows.first, rows.second, 0, -1};
       const T* cft = CFT ? CFT + b * KK * C : nullptr;
-      for (int64_t x = 0; x < OW; ++x) {
-        const T* wbase = SF + (row * OW + x) * GKK;
-        // the weights of the pixel 4 ahead (involution: G*KK values, 784 bytes per pixel for RedNet's
-        // stage 1): the stride prefetcher misses them often enough to cost about a fifth of the time
-        // (the one-thread forward on 32x64x56x56 went from 19.0 to 15.3 ms)
-        for (int64_t i = 0; i < GKK; i += 64 / sizeof(T)) __builtin_prefetch(wbase + 4 * GKK + i);
-        win.j0 = columns[x].first, win.j1 = columns[x].second;
-        filter_pixel_channels<T, mode>(X + ((b * H + iy) * W + x * s) * C, wbase, win, cft, out + (row * OW + x) * C,
-                                       vpg, KK, g);
-      }
+      walk.row(row, [&](int64_t x, const TapWindow& win, const T* wbase) {
+        filter_pixel_channels<T, mode>(X + ((b * H + iy) * W + x * s) * C, wbase, win, cft,
+                                       out + (row * g.out_width + x) * C, vpg, KK, g);
+      });
     }
   });
+}
+
+// grad_x by scattering, for strides over 1 (at stride 1 the gathering backward_input_nhwc_fast is as
+// fast or faster): each output pixel adds its grad_out times its own taps' weights to the inputs the
+// taps read, with the forward's walk and weights. Output rows go in bands of at least 8 rows and
+// 2 * reach input rows, one task per band, the even bands of all images first, then the odd ones:
+// two bands of one phase are a band apart, so their writes (up to reach rows beyond their own) never
+// meet. GX need not be zero: each band first zeroes the rows it is the first to write (an even band
+// all its rows and those of its writes beyond them; an odd band the rest of its own rows).
+template <typename T, Combine mode>
+void backward_input_nhwc_scatter(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, s = g.stride;
+  const int64_t KK = g.taps(), reach = g.radius() * g.dilation;
+  const int vpg = vectors_per_group(g, Simd<T>::kLanes);
+  const OutputRowWalk<T> walk(SF, g);
+  const int64_t band = std::max<int64_t>(8, (2 * reach + s - 1) / s), bands = (OH + band - 1) / band;
+  // band n's input rows [own_lo, own_hi) and the rows its taps write, [write_lo, write_hi)
+  auto own_lo = [&](int64_t n) { return n * band * s; };
+  auto own_hi = [&](int64_t n) { return n + 1 == bands ? H : (n + 1) * band * s; };
+  auto write_lo = [&](int64_t n) { return std::max<int64_t>(0, n * band * s - reach); };
+  auto write_hi = [&](int64_t n) { return std::min(H, (std::min(OH, (n + 1) * band) - 1) * s + reach + 1); };
+  for (int64_t phase = 0; phase < 2; ++phase) {
+    const int64_t per_image = (bands - phase + 1) / 2;  // bands phase, phase + 2, ...
+    at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / per_image, n = phase + 2 * (task % per_image);
+        const int64_t zero_lo = phase == 0 ? write_lo(n) : std::max(own_lo(n), write_hi(n - 1));
+        const int64_t zero_hi = phase == 0 ? std::max(write_hi(n), own_hi(n))
+                                           : std::min(own_hi(n), n + 1 < bands ? write_lo(n + 1) : H);
+        if (zero_hi > zero_lo) std::fill(GX + (b * H + zero_lo) * W * C, GX + (b * H + zero_hi) * W * C, T(0));
+        const T* cft = CFT ? CFT + b * KK * C : nullptr;
+        for (int64_t row = b * OH + n * band; row < b * OH + std::min(OH, (n + 1) * band); ++row) {
+          const int64_t iy = row % OH * s;
+          walk.row(row, [&](int64_t x, const TapWindow& win, const T* wbase) {
+            filter_pixel_channels<T, mode, true>(GO + (row * OW + x) * C, wbase, win, cft,
+                                                 GX + ((b * H + iy) * W + x * s) * C, vpg, KK, g);
+          });
+        }
+      }
+    });
+  }
 }
 
 // dst[j * dst_pitch + i] = src[i * src_pitch + j] for i < rows, j < cols, in L x L tiles.
@@ -1166,6 +1274,7 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
         at::opmath_type<scalar_t>* gcfp = has_cf ? gcft.mutable_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
         const bool fast = fast_channels<scalar_t>(g);
         if (fast && g.stride == 1) backward_input_nhwc_fast<scalar_t, M>(gop, cfp, sfp, gxp, g);
+        else if (fast) backward_input_nhwc_scatter<scalar_t, M>(gop, cfp, sfp, gxp, g);
         else backward_input_nhwc_generic<scalar_t, M>(gop, cfp, sfp, gxp, g);
         const int64_t cpg = g.channels_per_group();
         // tap lanes (k = 7 fills 7 of 8 lanes; not 16) beat pixel lanes by 5-25% on rows up to 28

@@ -6,7 +6,9 @@ same kernel size (channels_last), time and peak memory, forward and forward + ba
 
 Shapes: ``paper`` is the DDF paper's Table 2 input, 2x256x200x300 (k=3 for DDF, 7 for involution);
 ``r50`` the inputs of the ResNet-50 3x3 convolutions at batch 32: 32x64x56x56, 32x128x28x28,
-32x256x14x14, 32x512x7x7. DDF: k=3, head 1, 'mul' (DDF-ResNet); involution: k=7, groups C/16 (RedNet).
+32x256x14x14, 32x512x7x7; ``r50s2`` those of the first blocks of stages 2-4, whose 3x3 (and so
+DDF-ResNet's DDF and RedNet's involution) has stride 2: 32x128x56x56/2, 32x256x28x28/2,
+32x512x14x14/2. DDF: k=3, head 1, 'mul' (DDF-ResNet); involution: k=7, groups C/16 (RedNet).
 
 Time: the median of ``--repeats`` runs after one warm-up, the three implementations interleaved in
 each round so that the machine's load hits them alike. Backward time = median(forward + backward)
@@ -47,25 +49,37 @@ import torch.nn.functional as F
 
 PAPER = [(2, 256, 200, 300)]
 R50 = [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)]
+R50_STRIDE2 = [(32, 128, 56, 56, 2), (32, 256, 28, 28, 2), (32, 512, 14, 14, 2)]  # (B, C, H, W, stride)
 KERNEL = {"ddf": 3, "involution": 7}
 IMPLS = ("native", "reference", "dwconv")
 
 
+def _stride(shape):
+    return shape[4] if len(shape) > 4 else 1
+
+
+def shape_name(shape):
+    return "x".join(map(str, shape[:4])) + (f"/{_stride(shape)}" if _stride(shape) > 1 else "")
+
+
 def make_inputs(op, shape, device, requires_grad=False, seed=0):
-    """The op's inputs (channels_last) and the depthwise conv's weight, as a dict of tensors."""
-    b, c, h, w = shape
+    """The op's inputs (channels_last) and the depthwise conv's weight, as a dict of tensors;
+    shape is (B, C, H, W) or (B, C, H, W, stride)."""
+    b, c, h, w = shape[:4]
+    s = _stride(shape)
     k = KERNEL[op]
     gen = torch.Generator().manual_seed(seed)
     cl = torch.channels_last
-    x = torch.randn(shape, generator=gen).contiguous(memory_format=cl)
+    x = torch.randn(b, c, h, w, generator=gen).contiguous(memory_format=cl)
     t = {"x": x, "weight": torch.randn(c, 1, k, k, generator=gen)}
     if op == "ddf":
         t["channel_filter"] = torch.randn(b, c, k, k, generator=gen)
-        t["spatial_filter"] = torch.randn(b, k * k, h, w, generator=gen).contiguous(memory_format=cl)
+        t["spatial_filter"] = torch.randn(b, k * k, h // s, w // s, generator=gen).contiguous(memory_format=cl)
     else:
         # as RedNet makes it: a 1x1 conv's channels_last output (B, G*k*k, H, W) viewed as 5-D
-        t["kernel"] = torch.randn(b, c // 16 * k * k, h, w, generator=gen).contiguous(memory_format=cl).view(
-            b, c // 16, k * k, h, w)
+        oh, ow = (h - 1) // s + 1, (w - 1) // s + 1
+        t["kernel"] = torch.randn(b, c // 16 * k * k, oh, ow, generator=gen).contiguous(memory_format=cl).view(
+            b, c // 16, k * k, oh, ow)
     return {name: v.to(device).requires_grad_(requires_grad) for name, v in t.items()}
 
 
@@ -73,12 +87,14 @@ def run(op, impl, t):
     from robustbench_dyn import ops
 
     k = KERNEL[op]
+    # the stride: how many times the filters' rows fit in x's
+    s = t["x"].shape[2] // (t["spatial_filter"] if op == "ddf" else t["kernel"]).shape[-2]
     if impl == "dwconv":
-        return F.conv2d(t["x"], t["weight"], padding=k // 2, groups=t["x"].shape[1])
+        return F.conv2d(t["x"], t["weight"], stride=s, padding=k // 2, groups=t["x"].shape[1])
     if op == "ddf":
-        args = (t["x"], t["channel_filter"], t["spatial_filter"], k)
-        return ops.ddf(*args) if impl == "native" else ops.ddf_reference(*args)
-    args = (t["x"], t["kernel"], k)
+        args = (t["x"], t["channel_filter"], t["spatial_filter"], k, 1, s)
+        return ops.ddf(*args) if impl == "native" else ops.ddf_reference(*args, "mul", 1)
+    args = (t["x"], t["kernel"], k, 1, s)
     return ops.involution(*args) if impl == "native" else ops.involution_reference(*args)
 
 
@@ -172,7 +188,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--ops", default="ddf,involution")
-    parser.add_argument("--shapes", default="paper,r50")
+    parser.add_argument("--shapes", default="paper,r50,r50s2")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference")
     parser.add_argument("--no-memory", action="store_true")
@@ -182,7 +198,7 @@ def main():
     info = ops.backend_info()
     if info.for_device(device) != "native":
         sys.exit(f"the native ops are not active for {device}: {info}")
-    shapes = {"paper": PAPER, "r50": R50}
+    shapes = {"paper": PAPER, "r50": R50, "r50s2": R50_STRIDE2}
     impls = [i for i in IMPLS if not (args.no_reference and i == "reference")]
     where = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, " \
         f"{torch.get_num_threads()} threads"
@@ -209,7 +225,7 @@ def main():
                     med = {impl: statistics.median(v) * 1e3 for impl, v in runs.items()}
                     times[backward] = med
                     name = "fwd+bwd" if backward else "forward"
-                    line = f"{op:<10} {'x'.join(map(str, shape)):<18} {name:<8}" + "".join(
+                    line = f"{op:<10} {shape_name(shape):<18} {name:<8}" + "".join(
                         f"{med[i]:>14.2f}" for i in impls) + f"{med['native'] / med['dwconv']:>10.2f}x"
                     if not args.no_memory:
                         mem = {i: measure_memory(op, i, shape, device, backward) for i in impls}
@@ -222,14 +238,14 @@ def main():
                 if args.floor:
                     with torch.no_grad():
                         floor = streaming_floor(make_inputs(op, shape, device), args.repeats) * 1e3
-                    print(f"{op:<10} {'x'.join(map(str, shape)):<18} floor    {floor:>14.2f}  native/floor "
+                    print(f"{op:<10} {shape_name(shape):<18} floor    {floor:>14.2f}  native/floor "
                           f"{fwd / floor:.2f}x", flush=True)
                 summary.append((op, shape, "time", fwd / times[False]["dwconv"]))
                 summary.append((op, shape, "backward/forward", (both - fwd) / fwd))
     print("\n# targets: forward time <= 1.5x dwconv, forward memory <= 1.2x dwconv, backward <= 3x forward")
     for op, shape, what, ratio in summary:
         target = {"time": 1.5, "memory": 1.2, "backward/forward": 3.0}[what]
-        print(f"{op:<10} {'x'.join(map(str, shape)):<18} {what:<17} {ratio:6.2f}x  "
+        print(f"{op:<10} {shape_name(shape):<18} {what:<17} {ratio:6.2f}x  "
               f"{'met' if ratio <= target else 'MISSED'} (target {target}x)")
 
 

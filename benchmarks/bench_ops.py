@@ -83,12 +83,10 @@ def make_inputs(op, shape, device, requires_grad=False, seed=0):
     return {name: v.to(device).requires_grad_(requires_grad) for name, v in t.items()}
 
 
-def run(op, impl, t):
+def run(op, impl, t, s):
     from robustbench_dyn import ops
 
     k = KERNEL[op]
-    # the stride: how many times the filters' rows fit in x's
-    s = t["x"].shape[2] // (t["spatial_filter"] if op == "ddf" else t["kernel"]).shape[-2]
     if impl == "dwconv":
         return F.conv2d(t["x"], t["weight"], stride=s, padding=k // 2, groups=t["x"].shape[1])
     if op == "ddf":
@@ -109,15 +107,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_call(op, impl, t, device, backward):
+def time_call(op, impl, t, device, backward, stride):
     _sync(device)
     start = time.perf_counter()
     if backward:
-        out = run(op, impl, t)
+        out = run(op, impl, t, stride)
         torch.autograd.grad(out, _grad_inputs(op, impl, t), torch.ones_like(out))
     else:
         with torch.no_grad():
-            run(op, impl, t)
+            run(op, impl, t, stride)
     _sync(device)
     return time.perf_counter() - start
 
@@ -147,7 +145,7 @@ def measure_memory(op, impl, shape, device, backward):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        time_call(op, impl, t, device, backward)
+        time_call(op, impl, t, device, backward, _stride(shape))
         peak = torch.cuda.max_memory_allocated()
         return peak - base, peak
     # CPU: a fresh process, so ru_maxrss is this call's high-water mark
@@ -177,7 +175,7 @@ def _cpu_memory_child(op, impl, shape, backward):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _rss_bytes("VmRSS")
-    time_call(op, impl, t, "cpu", backward)
+    time_call(op, impl, t, "cpu", backward, _stride(shape))
     extra = _rss_bytes("VmHWM") - before
     return extra, extra + input_bytes
 
@@ -217,10 +215,10 @@ def main():
                     t = {impl: make_inputs(op, shape, device, requires_grad=backward) for impl in impls}
                     runs = {impl: [] for impl in impls}
                     for impl in impls:
-                        time_call(op, impl, t[impl], device, backward)  # warm-up
+                        time_call(op, impl, t[impl], device, backward, _stride(shape))  # warm-up
                     for _ in range(args.repeats):
                         for impl in impls:
-                            runs[impl].append(time_call(op, impl, t[impl], device, backward))
+                            runs[impl].append(time_call(op, impl, t[impl], device, backward, _stride(shape)))
                     del t
                     med = {impl: statistics.median(v) * 1e3 for impl, v in runs.items()}
                     times[backward] = med

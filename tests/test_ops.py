@@ -241,6 +241,7 @@ def test_strided_grad_x_by_bands_of_rows(built, k, stride, dilation, height, mon
     # stride 2 leaves rows and columns no tap reads, whose gradient is 0. With deterministic
     # algorithms on, torch fills fresh tensors with NaN, so a row nobody zeroed shows.
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         for width in (9, 16):
@@ -257,7 +258,7 @@ def test_strided_grad_x_by_bands_of_rows(built, k, stride, dilation, height, mon
             for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
                 assert _max_diff(got, want) < 1e-12
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def test_tap_lane_filter_gradient_for_any_group_size(built):
@@ -512,8 +513,8 @@ def test_a_build_for_16_byte_vectors_passes_the_fast_path_tests(tmp_path):
     # tests again in a fresh process: other tile sizes, partial tiles and block splits.
     env = {**os.environ, native.ENV_CPU_ARCH: "x86-64-v2", native.ENV_CACHE: str(tmp_path),
            native.ENV_BACKEND: "native"}
-    selection = ("vector_width or fast_path or tap_lane or channel_blocks or native_matches_reference "
-                 "or large_channels or non_contiguous")
+    selection = ("vector_width or fast_path or tap_lane or strided_grad_x or channel_blocks "
+                 "or native_matches_reference or large_channels or non_contiguous")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", __file__,
                              "-k", selection], env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -1290,12 +1290,11 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
           backward_filters_nhwc_fast<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);
         else
           backward_filters_nhwc_generic<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);
-        if (has_cf && fast) {  // (B, C / L, KK, L) blocks
-          const int64_t L = Simd<scalar_t>::kLanes;
-          gcf = gcft.view({g.batch, g.channels / L, g.taps(), L}).permute({0, 1, 3, 2}).reshape({g.batch, g.channels, g.taps()});
-          gcf = gcf.to(ct).contiguous();
-        } else if (has_cf) {
-          gcf = gcft.transpose(1, 2).to(ct).contiguous();
+        if (has_cf) {  // to (B, C, KK) from (B, C / L, KK, L) blocks on the fast path, else from (B, KK, C)
+          const int64_t L = Simd<scalar_t>::kLanes, B = g.batch, C = g.channels, KK = g.taps();
+          gcf = (fast ? gcft.view({B, C / L, KK, L}).permute({0, 1, 3, 2}).reshape({B, C, KK}) : gcft.transpose(1, 2))
+                    .to(ct)
+                    .contiguous();
         }
       } else {
         if (has_cf) gcf = at::empty({g.batch, g.channels, g.taps()}, x.options());

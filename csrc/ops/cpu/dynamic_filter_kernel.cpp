@@ -684,6 +684,35 @@ class TransposedRows {
   std::vector<int64_t> tag_;
 };
 
+// Software prefetch of the source rows a task is about to transpose, one row per row of the task,
+// spread over that row's pixels. TransposedRows reads a whole row (44 KB of SF for RedNet's 7x7
+// involution) in a burst with nothing to hide the misses behind; prefetched a row ahead, the reads
+// overlap the previous row's arithmetic. `next` and `last` are the first and last rows (in order)
+// the task has not read yet; past `last` nothing is prefetched.
+class RowsAhead {
+ public:
+  RowsAhead(const void* base, int64_t row_bytes, int64_t next, int64_t last)
+      : base_(static_cast<const char*>(base)), row_bytes_(row_bytes), lines_((row_bytes + 63) / 64), next_(next),
+        last_(last) {}
+  // pixel x's share, of n, of the next row
+  void pixel(int64_t x, int64_t n) const {
+    if (next_ > last_) return;
+    const char* p = base_ + next_ * row_bytes_;
+    for (int64_t l = x * lines_ / n; l < (x + 1) * lines_ / n; ++l) __builtin_prefetch(p + 64 * l);
+  }
+  void advance() { ++next_; }
+
+ private:
+  const char* base_;
+  int64_t row_bytes_, lines_, next_, last_;
+};
+
+// The last row of a (B * size)-row tensor that a stride-1 window of half-height `reach` reads for
+// row `row` of the (B * size) output rows.
+inline int64_t last_window_row(int64_t row, int64_t size, int64_t reach) {
+  return row / size * size + std::min(size - 1, row % size + reach);
+}
+
 // grad_x by gathering, stride 1: input pixel q receives grad_out at the output pixels q - (dy, dx)
 // whose taps read it, each weighted by that output pixel's filter (no two tasks write the same
 // value). The weights come from SF's rows transposed to (G*KK, OW), one slot per kernel row: a tap's
@@ -710,8 +739,10 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
   }
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
     TransposedRows<T> rows(SF, OW, GKK, OW, 0, 2 * taps.reach + 1);
+    RowsAhead ahead(SF, OW * GKK * int64_t(sizeof(T)), last_window_row(begin, H, taps.reach) + 1,
+                    last_window_row(end - 1, H, taps.reach));
     std::vector<int64_t> wrow(K), slot(K);
-    for (int64_t row = begin; row < end; ++row) {
+    for (int64_t row = begin; row < end; ++row, ahead.advance()) {
       const int64_t b = row / H, iy = row % H;
       int64_t i0 = K, i1 = -1;  // the kernel rows whose output row ny lies inside
       for (int64_t i = 0; i < K; ++i) {
@@ -727,6 +758,7 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
       const T* cft = CFT ? CFT + b * KK * C : nullptr;
       const int64_t q0 = (b * OH + iy) * OW;  // output pixel at the row's start
       for (int64_t ix = 0; ix < W; ++ix) {
+        ahead.pixel(ix, W);
         win.j0 = columns[ix].first, win.j1 = columns[ix].second;
         filter_pixel_channels<T, mode>(GO + (q0 + ix) * C, ring + ix, win, cft, GX + (row * W + ix) * C, vpg, KK * OW,
                                        g);
@@ -755,12 +787,15 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
     TransposedRows<T> input_rows(X, W, C, Wp, taps.reach, 2 * taps.reach + 1);
     TransposedRows<T> grad_row(GO, OW, C, OWp, 0, 1);
+    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), last_window_row(begin, H, taps.reach) + 1,
+                          last_window_row(end - 1, H, taps.reach));
+    RowsAhead grad_ahead(GO, OW * C * int64_t(sizeof(T)), begin + 1, end - 1);
     const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
     // per tap, its input row's column reach + dx: divisions by K here would cost as much as the
     // multiply-adds they feed (3 idivs per 64 FMAs)
     std::vector<const T*> tap_base(KK + 3);
     std::vector<V> sums(GKK);  // per tap of every group, L pixels
-    for (int64_t row = begin; row < end; ++row) {
+    for (int64_t row = begin; row < end; ++row, input_ahead.advance(), grad_ahead.advance()) {
       const int64_t b = row / OH, y = row % OH;
       const T* go_t = grad_row.data() + grad_row.offset(row, 0);
       for (int64_t i = 0; i < K; ++i) {
@@ -770,6 +805,7 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
       }
       for (int64_t t = KK; t < KK + 3; ++t) tap_base[t] = tap_base[KK - 1];  // the last quad's spare taps
       for (int64_t x0 = 0; x0 < OW; x0 += L) {
+        input_ahead.pixel(x0 / L, OWp / L), grad_ahead.pixel(x0 / L, OWp / L);
         for (int64_t grp = 0; grp < G; ++grp) {
           V go[NCH];
           for (int c = 0; c < NCH; ++c) go[c] = S::load(go_t + (grp * NCH + c) * OWp + x0);
@@ -815,15 +851,19 @@ void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeo
   const int64_t Wp = W - 1 + NVR * L;  // pixel x reads padded columns x .. x + NVR * L - 1
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
     TransposedRows<T> input_rows(X, W, C, Wp, R, KS);
+    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), last_window_row(begin, H, R) + 1,
+                          last_window_row(end - 1, H, R));
     const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
-    for (int64_t row = begin; row < end; ++row) {
+    for (int64_t row = begin; row < end; ++row, input_ahead.advance()) {
       const int64_t b = row / OH, y = row % OH;
       const T* in[KS];
       for (int i = 0; i < KS; ++i) {
         const int64_t iy = y + i - R;
         in[i] = input_rows.image_row(b, iy, H, zero_row.data());
       }
+      const int64_t blocks = (OW + kPixelBlock - 1) / kPixelBlock;
       for (int64_t x0 = 0; x0 < OW; x0 += kPixelBlock) {
+        input_ahead.pixel(x0 / kPixelBlock, blocks);
         const int64_t x1 = std::min(OW, x0 + kPixelBlock);
         for (int64_t grp = 0; grp < G; ++grp) {
           const T* gop = GO + (row * OW + x0) * C + grp * cpg;

@@ -684,33 +684,44 @@ class TransposedRows {
   std::vector<int64_t> tag_;
 };
 
-// Software prefetch of the source rows a task is about to transpose, one row per row of the task,
-// spread over that row's pixels. TransposedRows reads a whole row (44 KB of SF for RedNet's 7x7
-// involution) in a burst with nothing to hide the misses behind; prefetched a row ahead, the reads
-// overlap the previous row's arithmetic. `next` and `last` are the first and last rows (in order)
-// the task has not read yet; past `last` nothing is prefetched.
+// Software prefetch of the source rows the next output row reads and the current one does not,
+// spread over the current row's pixels. TransposedRows reads a whole row (44 KB of SF for RedNet's
+// 7x7 involution) in a burst with nothing to hide the misses behind; prefetched a row ahead, the
+// reads overlap the previous row's arithmetic.
 class RowsAhead {
  public:
-  RowsAhead(const void* base, int64_t row_bytes, int64_t next, int64_t last)
-      : base_(static_cast<const char*>(base)), row_bytes_(row_bytes), lines_((row_bytes + 63) / 64), next_(next),
-        last_(last) {}
-  // pixel x's share, of n, of the next row
-  void pixel(int64_t x, int64_t n) const {
-    if (next_ > last_) return;
-    const char* p = base_ + next_ * row_bytes_;
-    for (int64_t l = x * lines_ / n; l < (x + 1) * lines_ / n; ++l) __builtin_prefetch(p + 64 * l);
+  RowsAhead(const void* base, int64_t row_bytes) : base_(static_cast<const char*>(base)), row_bytes_(row_bytes) {}
+  // During the coming row: source rows first..last (none if last < first).
+  void rows(int64_t first, int64_t last) {
+    from_ = base_ + first * row_bytes_;
+    lines_ = last < first ? 0 : ((last - first + 1) * row_bytes_ + 63) / 64;
   }
-  void advance() { ++next_; }
+  // the share of pixels x .. x + count - 1, of n, of those rows
+  void pixel(int64_t x, int64_t n, int64_t count = 1) const {
+    for (int64_t l = x * lines_ / n; l < (x + count) * lines_ / n; ++l) __builtin_prefetch(from_ + 64 * l);
+  }
 
  private:
   const char* base_;
-  int64_t row_bytes_, lines_, next_, last_;
+  int64_t row_bytes_;
+  const char* from_ = nullptr;
+  int64_t lines_ = 0;
 };
 
-// The last row of a (B * size)-row tensor that a stride-1 window of half-height `reach` reads for
-// row `row` of the (B * size) output rows.
-inline int64_t last_window_row(int64_t row, int64_t size, int64_t reach) {
-  return row / size * size + std::min(size - 1, row % size + reach);
+// The last source row (of B images of in_size rows) that output row `row` (of B * out_size) reads,
+// at stride `stride` with taps up to `reach` rows below its centre.
+inline int64_t last_source_row(int64_t row, int64_t out_size, int64_t in_size, int64_t stride, int64_t reach) {
+  return row / out_size * in_size + std::min(in_size - 1, row % out_size * stride + reach);
+}
+
+// The rows output row `row` of a task ending at `end` prefetches: those the next one reads first.
+inline void next_rows(RowsAhead& ahead, int64_t row, int64_t end, int64_t out_size, int64_t in_size, int64_t stride,
+                      int64_t reach) {
+  if (row + 1 < end)
+    ahead.rows(last_source_row(row, out_size, in_size, stride, reach) + 1,
+               last_source_row(row + 1, out_size, in_size, stride, reach));
+  else
+    ahead.rows(0, -1);
 }
 
 // grad_x by gathering, stride 1: input pixel q receives grad_out at the output pixels q - (dy, dx)
@@ -739,11 +750,11 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
   }
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
     TransposedRows<T> rows(SF, OW, GKK, OW, 0, 2 * taps.reach + 1);
-    RowsAhead ahead(SF, OW * GKK * int64_t(sizeof(T)), last_window_row(begin, H, taps.reach) + 1,
-                    last_window_row(end - 1, H, taps.reach));
+    RowsAhead ahead(SF, OW * GKK * int64_t(sizeof(T)));
     std::vector<int64_t> wrow(K), slot(K);
-    for (int64_t row = begin; row < end; ++row, ahead.advance()) {
+    for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / H, iy = row % H;
+      next_rows(ahead, row, end, H, OH, 1, taps.reach);  // input row iy reads SF rows up to iy + reach
       int64_t i0 = K, i1 = -1;  // the kernel rows whose output row ny lies inside
       for (int64_t i = 0; i < K; ++i) {
         const int64_t ny = iy - taps.dy[i * K];
@@ -787,16 +798,16 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
     TransposedRows<T> input_rows(X, W, C, Wp, taps.reach, 2 * taps.reach + 1);
     TransposedRows<T> grad_row(GO, OW, C, OWp, 0, 1);
-    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), last_window_row(begin, H, taps.reach) + 1,
-                          last_window_row(end - 1, H, taps.reach));
-    RowsAhead grad_ahead(GO, OW * C * int64_t(sizeof(T)), begin + 1, end - 1);
+    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T))), grad_ahead(GO, OW * C * int64_t(sizeof(T)));
     const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
     // per tap, its input row's column reach + dx: divisions by K here would cost as much as the
     // multiply-adds they feed (3 idivs per 64 FMAs)
     std::vector<const T*> tap_base(KK + 3);
     std::vector<V> sums(GKK);  // per tap of every group, L pixels
-    for (int64_t row = begin; row < end; ++row, input_ahead.advance(), grad_ahead.advance()) {
+    for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
+      next_rows(input_ahead, row, end, OH, H, 1, taps.reach);
+      next_rows(grad_ahead, row, end, OH, OH, 1, 0);
       const T* go_t = grad_row.data() + grad_row.offset(row, 0);
       for (int64_t i = 0; i < K; ++i) {
         const int64_t iy = y + taps.dy[i * K];
@@ -851,11 +862,11 @@ void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeo
   const int64_t Wp = W - 1 + NVR * L;  // pixel x reads padded columns x .. x + NVR * L - 1
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
     TransposedRows<T> input_rows(X, W, C, Wp, R, KS);
-    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), last_window_row(begin, H, R) + 1,
-                          last_window_row(end - 1, H, R));
+    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)));
     const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
-    for (int64_t row = begin; row < end; ++row, input_ahead.advance()) {
+    for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
+      next_rows(input_ahead, row, end, OH, H, 1, R);
       const T* in[KS];
       for (int i = 0; i < KS; ++i) {
         const int64_t iy = y + i - R;
@@ -1009,6 +1020,10 @@ void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* 
     };
     const std::vector<T> zero_pixel(C, T(0));
     std::vector<const T*> src(KK);
+    // the input rows the next output row adds, prefetched at strides over 1 only: there it made DDF's
+    // backward on 8x128x56x56/2 25-30% faster; at stride 1 it gained nothing (session 9, RESULTS.md)
+    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)));
+    const bool prefetch = s > 1;
     // pixels x (and x + 1 when P = 2) of output row `row`, whose taps read src
     auto pixels = [&](auto pixel_count, int64_t row, int64_t x, const auto& chunks) {
       constexpr int P = decltype(pixel_count)::value, M = L / P;
@@ -1043,6 +1058,7 @@ void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* 
       }
       const bool inner_row = iy >= taps.reach && iy + taps.reach < H;
       auto inner = [&](int64_t x) { return inner_row && x * s >= taps.reach && x * s + taps.reach < W; };
+      if (prefetch) next_rows(input_ahead, row, end, OH, H, s, taps.reach);
       for (int64_t x = 0; x < OW;) {
         const int64_t ix = x * s;
         const T* base = X + ((b * H + iy) * W + ix) * C;
@@ -1054,7 +1070,9 @@ void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* 
             src[t] = ty >= 0 && ty < H && tx >= 0 && tx < W ? base + offset[t] : zero_pixel.data();
           }
         }
-        if (x + 1 < OW && inner(x) && inner(x + 1)) {
+        const bool pair = x + 1 < OW && inner(x) && inner(x + 1);
+        if (prefetch) input_ahead.pixel(x, OW, pair ? 2 : 1);
+        if (pair) {
           pixels(std::integral_constant<int, 2>{}, row, x, pair_chunks);
           x += 2;
         } else {

@@ -684,10 +684,11 @@ class TransposedRows {
   std::vector<int64_t> tag_;
 };
 
-// Software prefetch of the source rows the next output row reads and the current one does not,
-// spread over the current row's pixels. TransposedRows reads a whole row (44 KB of SF for RedNet's
-// 7x7 involution) in a burst with nothing to hide the misses behind; prefetched a row ahead, the
-// reads overlap the previous row's arithmetic.
+// Software prefetch of the source rows the next row of a task reads and the current one does not,
+// spread over the current row's pixels, so that their misses overlap the current row's arithmetic.
+// TransposedRows reads a whole row (44 KB of SF for RedNet's 7x7 involution) in a burst with nothing
+// to hide the misses behind; the strided filter gradients read 2 new input rows per output row,
+// whose misses the hardware prefetcher left exposed (session 9, RESULTS.md).
 class RowsAhead {
  public:
   RowsAhead(const void* base, int64_t row_bytes) : base_(static_cast<const char*>(base)), row_bytes_(row_bytes) {}
@@ -1021,7 +1022,7 @@ void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* 
     const std::vector<T> zero_pixel(C, T(0));
     std::vector<const T*> src(KK);
     // the input rows the next output row adds, prefetched at strides over 1 only: there it made DDF's
-    // backward on 8x128x56x56/2 25-30% faster; at stride 1 it gained nothing (session 9, RESULTS.md)
+    // backward on 8x128x56x56/2 17-32% faster; at stride 1 it gained nothing (session 9, RESULTS.md)
     RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)));
     const bool prefetch = s > 1;
     // pixels x (and x + 1 when P = 2) of output row `row`, whose taps read src

@@ -691,9 +691,14 @@ class TransposedRows {
 // whose misses the hardware prefetcher left exposed (session 9, RESULTS.md).
 class RowsAhead {
  public:
-  RowsAhead(const void* base, int64_t row_bytes) : base_(static_cast<const char*>(base)), row_bytes_(row_bytes) {}
-  // During the coming row: source rows first..last (none if last < first).
-  void rows(int64_t first, int64_t last) {
+  // Source rows of row_bytes bytes from base: B images of in_size rows, which B * out_size rows read
+  // at stride `stride`, with taps up to `reach` rows below their centre.
+  RowsAhead(const void* base, int64_t row_bytes, int64_t out_size, int64_t in_size, int64_t stride, int64_t reach)
+      : base_(static_cast<const char*>(base)), row_bytes_(row_bytes), out_size_(out_size), in_size_(in_size),
+        stride_(stride), reach_(reach) {}
+  // Before row `row` of a task that ends at `end`: the source rows its next row reads first, if any.
+  void before(int64_t row, int64_t end) {
+    const int64_t first = last_read(row) + 1, last = row + 1 < end ? last_read(row + 1) : first - 1;
     from_ = base_ + first * row_bytes_;
     lines_ = last < first ? 0 : ((last - first + 1) * row_bytes_ + 63) / 64;
   }
@@ -703,27 +708,15 @@ class RowsAhead {
   }
 
  private:
+  // the last source row that row `row` reads
+  int64_t last_read(int64_t row) const {
+    return row / out_size_ * in_size_ + std::min(in_size_ - 1, row % out_size_ * stride_ + reach_);
+  }
   const char* base_;
-  int64_t row_bytes_;
+  int64_t row_bytes_, out_size_, in_size_, stride_, reach_;
   const char* from_ = nullptr;
   int64_t lines_ = 0;
 };
-
-// The last source row (of B images of in_size rows) that output row `row` (of B * out_size) reads,
-// at stride `stride` with taps up to `reach` rows below its centre.
-inline int64_t last_source_row(int64_t row, int64_t out_size, int64_t in_size, int64_t stride, int64_t reach) {
-  return row / out_size * in_size + std::min(in_size - 1, row % out_size * stride + reach);
-}
-
-// The rows output row `row` of a task ending at `end` prefetches: those the next one reads first.
-inline void next_rows(RowsAhead& ahead, int64_t row, int64_t end, int64_t out_size, int64_t in_size, int64_t stride,
-                      int64_t reach) {
-  if (row + 1 < end)
-    ahead.rows(last_source_row(row, out_size, in_size, stride, reach) + 1,
-               last_source_row(row + 1, out_size, in_size, stride, reach));
-  else
-    ahead.rows(0, -1);
-}
 
 // grad_x by gathering, stride 1: input pixel q receives grad_out at the output pixels q - (dy, dx)
 // whose taps read it, each weighted by that output pixel's filter (no two tasks write the same
@@ -751,11 +744,12 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
   }
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
     TransposedRows<T> rows(SF, OW, GKK, OW, 0, 2 * taps.reach + 1);
-    RowsAhead ahead(SF, OW * GKK * int64_t(sizeof(T)));
+    // input row iy reads SF rows up to iy + reach
+    RowsAhead ahead(SF, OW * GKK * int64_t(sizeof(T)), H, OH, 1, taps.reach);
     std::vector<int64_t> wrow(K), slot(K);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / H, iy = row % H;
-      next_rows(ahead, row, end, H, OH, 1, taps.reach);  // input row iy reads SF rows up to iy + reach
+      ahead.before(row, end);
       int64_t i0 = K, i1 = -1;  // the kernel rows whose output row ny lies inside
       for (int64_t i = 0; i < K; ++i) {
         const int64_t ny = iy - taps.dy[i * K];
@@ -799,7 +793,8 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
     TransposedRows<T> input_rows(X, W, C, Wp, taps.reach, 2 * taps.reach + 1);
     TransposedRows<T> grad_row(GO, OW, C, OWp, 0, 1);
-    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T))), grad_ahead(GO, OW * C * int64_t(sizeof(T)));
+    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), OH, H, 1, taps.reach);
+    RowsAhead grad_ahead(GO, OW * C * int64_t(sizeof(T)), OH, OH, 1, 0);
     const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
     // per tap, its input row's column reach + dx: divisions by K here would cost as much as the
     // multiply-adds they feed (3 idivs per 64 FMAs)
@@ -807,8 +802,7 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
     std::vector<V> sums(GKK);  // per tap of every group, L pixels
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
-      next_rows(input_ahead, row, end, OH, H, 1, taps.reach);
-      next_rows(grad_ahead, row, end, OH, OH, 1, 0);
+      input_ahead.before(row, end), grad_ahead.before(row, end);
       const T* go_t = grad_row.data() + grad_row.offset(row, 0);
       for (int64_t i = 0; i < K; ++i) {
         const int64_t iy = y + taps.dy[i * K];
@@ -863,17 +857,17 @@ void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeo
   const int64_t Wp = W - 1 + NVR * L;  // pixel x reads padded columns x .. x + NVR * L - 1
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
     TransposedRows<T> input_rows(X, W, C, Wp, R, KS);
-    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)));
+    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), OH, H, 1, R);
     const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
+    const int64_t blocks = (OW + kPixelBlock - 1) / kPixelBlock;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
-      next_rows(input_ahead, row, end, OH, H, 1, R);
+      input_ahead.before(row, end);
       const T* in[KS];
       for (int i = 0; i < KS; ++i) {
         const int64_t iy = y + i - R;
         in[i] = input_rows.image_row(b, iy, H, zero_row.data());
       }
-      const int64_t blocks = (OW + kPixelBlock - 1) / kPixelBlock;
       for (int64_t x0 = 0; x0 < OW; x0 += kPixelBlock) {
         input_ahead.pixel(x0 / kPixelBlock, blocks);
         const int64_t x1 = std::min(OW, x0 + kPixelBlock);
@@ -1023,7 +1017,7 @@ void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* 
     std::vector<const T*> src(KK);
     // the input rows the next output row adds, prefetched at strides over 1 only: there it made DDF's
     // backward on 8x128x56x56/2 17-32% faster; at stride 1 it gained nothing (session 9, RESULTS.md)
-    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)));
+    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), OH, H, s, taps.reach);
     const bool prefetch = s > 1;
     // pixels x (and x + 1 when P = 2) of output row `row`, whose taps read src
     auto pixels = [&](auto pixel_count, int64_t row, int64_t x, const auto& chunks) {
@@ -1059,7 +1053,7 @@ void backward_filters_nhwc_fast(const T* GO, const T* X, const T* CFT, const T* 
       }
       const bool inner_row = iy >= taps.reach && iy + taps.reach < H;
       auto inner = [&](int64_t x) { return inner_row && x * s >= taps.reach && x * s + taps.reach < W; };
-      if (prefetch) next_rows(input_ahead, row, end, OH, H, s, taps.reach);
+      if (prefetch) input_ahead.before(row, end);
       for (int64_t x = 0; x < OW;) {
         const int64_t ix = x * s;
         const T* base = X + ((b * H + iy) * W + ix) * C;

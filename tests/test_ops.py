@@ -469,6 +469,27 @@ def test_build_key_follows_the_sources(monkeypatch, tmp_path):
     kernel.write_text(kernel.read_text() + "\n// changed\n")
     assert native.build_key(False) != key
     assert native.build_key(True) != native.build_key(False)
+    header = copy / "ops" / "cuda" / "dynamic_filter_kernels.cuh"
+    cuda_key = native.build_key(True)
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert native.build_key(True) != cuda_key
+
+
+def test_every_kernel_source_is_hashed_and_installed():
+    # a source missing from the key would let a stale build serve changed code; one missing from the
+    # package data would be absent from a wheel's install
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    on_disk = {p.relative_to(root / "csrc").as_posix() for p in (root / "csrc").rglob("*")
+               if p.suffix in (".h", ".cpp", ".cu", ".cuh")}
+    assert set(native.CPU_SOURCES + native.HEADERS + native.CUDA_SOURCES + native.CUDA_HEADERS) == on_disk
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "robustbench_dyn._csrc"]
+    assert all(any(fnmatch.fnmatch(rel, pattern) and rel.count("/") == pattern.count("/") for pattern in patterns)
+               for rel in on_disk)
 
 
 def test_cpu_arch_comes_from_the_environment_and_is_checked(monkeypatch):

@@ -38,6 +38,7 @@ BACKENDS = ("native", "reference")
 
 CPU_SOURCES = ("ops/dynamic_filter.cpp", "ops/ddf.cpp", "ops/involution.cpp", "ops/cpu/dynamic_filter_kernel.cpp")
 CUDA_SOURCES = ("ops/cuda/dynamic_filter_kernel.cu",)
+CUDA_HEADERS = ("ops/cuda/dynamic_filter_kernels.cuh",)
 HEADERS = ("ops/dynamic_filter.h",)
 # -ffp-contract=fast: multiply-adds become FMAs (the default for GNU C++, not for the -std=c++17
 # that cpp_extension passes).
@@ -110,7 +111,7 @@ def build_key(with_cuda: bool) -> str:
     """Hex digest naming a build: sources, torch/CUDA versions, architectures and CPU."""
     digest = hashlib.sha256()
     root = source_dir()
-    for rel in CPU_SOURCES + HEADERS + (CUDA_SOURCES if with_cuda else ()):
+    for rel in CPU_SOURCES + HEADERS + (CUDA_SOURCES + CUDA_HEADERS if with_cuda else ()):
         digest.update(rel.encode())
         digest.update((root / rel).read_bytes())
     digest.update(f"torch={torch.__version__}|cuda={torch.version.cuda}|with_cuda={with_cuda}".encode())

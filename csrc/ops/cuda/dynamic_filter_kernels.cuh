@@ -1,0 +1,216 @@
+// The CUDA kernels of the dynamic filters (dynamic_filter.h) and the host code that launches them,
+// with the launch itself left to the caller: dynamic_filter_kernel.cu starts them on the GPU, and
+// tests/cuda_emulation/emulate.cpp runs the same kernels and host code on the CPU, thread by
+// thread, so that their index arithmetic is tested on machines without a GPU.
+//
+// One thread per output element (forward), per input element (grad_x, gathered so no atomics),
+// per spatial-filter element (grad_spatial_filter, a sum over the group's channels); one block per
+// (b, c, tap) for grad_channel_filter (a sum over output pixels). Threads walk elements in the
+// tensors' memory order (NCHW or NHWC), so neighbouring threads touch neighbouring addresses.
+// float16 and bfloat16 are loaded as such and accumulated in float32.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../dynamic_filter.h"
+
+namespace dynrobust {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Layout {
+  int64_t B, C, H, W, OH, OW, G, K, KK, cpg, r, dil, s;
+  bool nhwc;
+
+  __device__ __forceinline__ int64_t x_at(int64_t b, int64_t c, int64_t y, int64_t x) const {
+    return nhwc ? ((b * H + y) * W + x) * C + c : ((b * C + c) * H + y) * W + x;
+  }
+  __device__ __forceinline__ int64_t out_at(int64_t b, int64_t c, int64_t y, int64_t x) const {
+    return nhwc ? ((b * OH + y) * OW + x) * C + c : ((b * C + c) * OH + y) * OW + x;
+  }
+  // spatial filter channel grp*KK + t
+  __device__ __forceinline__ int64_t sf_at(int64_t b, int64_t ch, int64_t y, int64_t x) const {
+    return nhwc ? ((b * OH + y) * OW + x) * G * KK + ch : ((b * G * KK + ch) * OH + y) * OW + x;
+  }
+  // decode a linear index in memory order of a (B, channels, h, w) tensor into (b, ch, y, x)
+  __device__ __forceinline__ void decode(int64_t i, int64_t channels, int64_t h, int64_t w, int64_t& b, int64_t& ch,
+                                         int64_t& y, int64_t& x) const {
+    if (nhwc) {
+      ch = i % channels; i /= channels; x = i % w; i /= w; y = i % h; b = i / h;
+    } else {
+      x = i % w; i /= w; y = i % h; i /= h; ch = i % channels; b = i / channels;
+    }
+  }
+};
+
+template <Combine mode, typename acc_t>
+__device__ __forceinline__ acc_t combine(acc_t channel_weight, acc_t spatial_weight) {
+  if constexpr (mode == Combine::kMul) return channel_weight * spatial_weight;
+  else if constexpr (mode == Combine::kAdd) return channel_weight + spatial_weight;
+  else return spatial_weight;
+}
+
+inline int blocks_for(int64_t n) {
+  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 30));
+}
+
+template <typename scalar_t, Combine mode>
+__global__ void forward_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ CF,
+                               const scalar_t* __restrict__ SF, scalar_t* __restrict__ OUT, Layout L, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+    int64_t b, c, y, x;
+    L.decode(i, L.C, L.OH, L.OW, b, c, y, x);
+    const int64_t grp = c / L.cpg;
+    acc_t acc = 0;
+    for (int64_t t = 0; t < L.KK; ++t) {
+      const int64_t iy = y * L.s + (t / L.K - L.r) * L.dil, ix = x * L.s + (t % L.K - L.r) * L.dil;
+      if (iy < 0 || iy >= L.H || ix < 0 || ix >= L.W) continue;
+      const acc_t cw = mode == Combine::kSpatialOnly ? acc_t(1) : acc_t(CF[(b * L.C + c) * L.KK + t]);
+      const acc_t w = combine<mode>(cw, acc_t(SF[L.sf_at(b, grp * L.KK + t, y, x)]));
+      acc += acc_t(X[L.x_at(b, c, iy, ix)]) * w;
+    }
+    OUT[i] = scalar_t(acc);
+  }
+}
+
+template <typename scalar_t, Combine mode>
+__global__ void grad_input_kernel(const scalar_t* __restrict__ GO, const scalar_t* __restrict__ CF,
+                                  const scalar_t* __restrict__ SF, scalar_t* __restrict__ GX, Layout L, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+    int64_t b, c, iy, ix;
+    L.decode(i, L.C, L.H, L.W, b, c, iy, ix);
+    const int64_t grp = c / L.cpg;
+    acc_t acc = 0;
+    for (int64_t t = 0; t < L.KK; ++t) {
+      const int64_t ny = iy - (t / L.K - L.r) * L.dil, nx = ix - (t % L.K - L.r) * L.dil;
+      if (ny < 0 || nx < 0 || ny % L.s || nx % L.s) continue;
+      const int64_t y = ny / L.s, x = nx / L.s;
+      if (y >= L.OH || x >= L.OW) continue;
+      const acc_t cw = mode == Combine::kSpatialOnly ? acc_t(1) : acc_t(CF[(b * L.C + c) * L.KK + t]);
+      acc += acc_t(GO[L.out_at(b, c, y, x)]) * combine<mode>(cw, acc_t(SF[L.sf_at(b, grp * L.KK + t, y, x)]));
+    }
+    GX[i] = scalar_t(acc);
+  }
+}
+
+template <typename scalar_t, Combine mode>
+__global__ void grad_spatial_kernel(const scalar_t* __restrict__ GO, const scalar_t* __restrict__ X,
+                                    const scalar_t* __restrict__ CF, scalar_t* __restrict__ GSF, Layout L, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+    int64_t b, ch, y, x;
+    L.decode(i, L.G * L.KK, L.OH, L.OW, b, ch, y, x);
+    const int64_t grp = ch / L.KK, t = ch % L.KK;
+    const int64_t iy = y * L.s + (t / L.K - L.r) * L.dil, ix = x * L.s + (t % L.K - L.r) * L.dil;
+    acc_t acc = 0;
+    if (iy >= 0 && iy < L.H && ix >= 0 && ix < L.W) {
+      for (int64_t c = grp * L.cpg; c < (grp + 1) * L.cpg; ++c) {
+        const acc_t cw = mode == Combine::kMul ? acc_t(CF[(b * L.C + c) * L.KK + t]) : acc_t(1);
+        acc += acc_t(GO[L.out_at(b, c, y, x)]) * acc_t(X[L.x_at(b, c, iy, ix)]) * cw;
+      }
+    }
+    GSF[i] = scalar_t(acc);
+  }
+}
+
+// One block per (b, c, t): the sum over output pixels of grad_out * x_tap (* spatial weight for mul).
+template <typename scalar_t, Combine mode>
+__global__ void grad_channel_kernel(const scalar_t* __restrict__ GO, const scalar_t* __restrict__ X,
+                                    const scalar_t* __restrict__ SF, scalar_t* __restrict__ GCF, Layout L) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t partial[kThreads];
+  const int64_t bct = blockIdx.x;
+  const int64_t t = bct % L.KK, bc = bct / L.KK, c = bc % L.C, b = bc / L.C, grp = c / L.cpg;
+  const int64_t dy = (t / L.K - L.r) * L.dil, dx = (t % L.K - L.r) * L.dil;
+  acc_t acc = 0;
+  for (int64_t p = threadIdx.x; p < L.OH * L.OW; p += blockDim.x) {
+    const int64_t y = p / L.OW, x = p % L.OW, iy = y * L.s + dy, ix = x * L.s + dx;
+    if (iy < 0 || iy >= L.H || ix < 0 || ix >= L.W) continue;
+    acc_t v = acc_t(GO[L.out_at(b, c, y, x)]) * acc_t(X[L.x_at(b, c, iy, ix)]);
+    if constexpr (mode == Combine::kMul) v *= acc_t(SF[L.sf_at(b, grp * L.KK + t, y, x)]);
+    acc += v;
+  }
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) GCF[bct] = scalar_t(partial[0]);
+}
+
+inline Layout make_layout(const FilterGeometry& g, bool nhwc) {
+  return Layout{g.batch, g.channels, g.height, g.width, g.out_height, g.out_width, g.groups, g.kernel_size,
+                g.taps(), g.channels_per_group(), g.radius(), g.dilation, g.stride, nhwc};
+}
+
+inline at::MemoryFormat layout_of(const at::Tensor& x) {
+  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                      : at::MemoryFormat::Contiguous;
+}
+
+
+// The forward and the backward on x's device: launch(kernel, blocks, args...) starts `kernel` on
+// `blocks` blocks of kThreads threads with those arguments.
+template <typename Launch>
+at::Tensor forward_with(const at::Tensor& x_in, const c10::optional<at::Tensor>& cf_in, const at::Tensor& sf_in,
+                        const FilterGeometry& g, Combine mode, Launch&& launch) {
+  const auto fmt = layout_of(x_in);
+  at::Tensor x = x_in.contiguous(fmt), sf = sf_in.contiguous(fmt);
+  at::Tensor cf = mode == Combine::kSpatialOnly ? at::Tensor() : cf_in->contiguous();
+  at::Tensor out = at::empty({g.batch, g.channels, g.out_height, g.out_width}, x.options().memory_format(fmt));
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const Layout L = make_layout(g, fmt == at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dynamic_filter_forward", [&] {
+    const scalar_t* cfp = cf.defined() ? cf.const_data_ptr<scalar_t>() : nullptr;
+    dispatch_mode(mode, [&](auto m) {
+      launch(forward_kernel<scalar_t, decltype(m)::value>, blocks_for(n), x.const_data_ptr<scalar_t>(), cfp,
+             sf.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), L, n);
+    });
+  });
+  return out;
+}
+
+template <typename Launch>
+std::vector<at::Tensor> backward_with(const at::Tensor& go_in, const at::Tensor& x_in,
+                                      const c10::optional<at::Tensor>& cf_in, const at::Tensor& sf_in,
+                                      const FilterGeometry& g, Combine mode, Launch&& launch) {
+  TORCH_CHECK(go_in.sizes() == at::IntArrayRef({g.batch, g.channels, g.out_height, g.out_width}),
+              "dynamic filter: grad_out must be (B, C, H', W'), got ", go_in.sizes());
+  const auto fmt = layout_of(x_in);
+  at::Tensor x = x_in.contiguous(fmt), sf = sf_in.contiguous(fmt);
+  at::Tensor go = go_in.to(x.scalar_type()).contiguous(fmt);
+  const bool has_cf = mode != Combine::kSpatialOnly;
+  at::Tensor cf = has_cf ? cf_in->contiguous() : at::Tensor();
+  at::Tensor gx = at::empty_like(x), gsf = at::empty_like(sf);
+  at::Tensor gcf = has_cf ? at::empty({g.batch, g.channels, g.kernel_size, g.kernel_size}, x.options()) : at::Tensor();
+  const Layout L = make_layout(g, fmt == at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dynamic_filter_backward", [&] {
+    const scalar_t* cfp = has_cf ? cf.const_data_ptr<scalar_t>() : nullptr;
+    dispatch_mode(mode, [&](auto m) {
+      constexpr Combine M = decltype(m)::value;
+      if (gx.numel() > 0)
+        launch(grad_input_kernel<scalar_t, M>, blocks_for(gx.numel()), go.const_data_ptr<scalar_t>(), cfp,
+               sf.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), L, gx.numel());
+      if (gsf.numel() > 0)
+        launch(grad_spatial_kernel<scalar_t, M>, blocks_for(gsf.numel()), go.const_data_ptr<scalar_t>(),
+               x.const_data_ptr<scalar_t>(), cfp, gsf.mutable_data_ptr<scalar_t>(), L, gsf.numel());
+      if (has_cf && gcf.numel() > 0)
+        launch(grad_channel_kernel<scalar_t, M>, static_cast<int>(gcf.numel()), go.const_data_ptr<scalar_t>(),
+               x.const_data_ptr<scalar_t>(), sf.const_data_ptr<scalar_t>(), gcf.mutable_data_ptr<scalar_t>(), L);
+    });
+  });
+  return {gx, gcf, gsf};
+}
+
+}  // namespace
+}  // namespace dynrobust

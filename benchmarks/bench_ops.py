@@ -193,6 +193,8 @@ def main():
     parser.add_argument("--floor", action="store_true", help="also time the streaming floor (CPU)")
     args = parser.parse_args()
     device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
     info = ops.backend_info()
     if info.for_device(device) != "native":
         sys.exit(f"the native ops are not active for {device}: {info}")

@@ -42,10 +42,13 @@ def _check(got, want, tol):
     assert (got.double() - want).abs().max().item() < tol * scale
 
 
-# k, dilation, stride, groups (DDF's heads), batch, channels, height, width; the last has more
-# output pixels (19 * 21) than a block has threads, so grad_channel_filter's block loop strides
+# k, dilation, stride, groups (DDF's heads), batch, channels, height, width. (3, ..., 19, 21) has
+# more output pixels than a block has threads, so the NCHW grad_channel_filter's block loop strides;
+# (3, ..., 40, 48, 50) more than one chunk of the NHWC one (2048 pixels) and a second, partial tile
+# of 32 channels; k = 9 takes the NHWC grad_channel_filter's block per (b, c, tap)
 GEOMETRIES = [(3, 1, 1, 1, 2, 8, 9, 10), (5, 2, 2, 2, 2, 8, 9, 11), (7, 1, 2, 1, 1, 4, 12, 9),
-              (1, 1, 1, 4, 1, 8, 5, 6), (3, 1, 1, 2, 1, 4, 19, 21)]
+              (1, 1, 1, 4, 1, 8, 5, 6), (3, 1, 1, 2, 1, 4, 19, 21), (3, 1, 1, 4, 1, 40, 48, 50),
+              (9, 1, 1, 1, 1, 4, 10, 11)]
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)

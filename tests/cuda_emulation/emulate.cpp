@@ -1,11 +1,12 @@
 // The CUDA kernels of csrc/ops/cuda/dynamic_filter_kernels.cuh and their host code, run on the CPU
 // (tests/test_cuda_emulation.py). Each block of a launch runs as kThreads fibers (ucontext) on one
 // CPU thread, taking turns: a fiber runs until it reaches __syncthreads() or ends, and the block
-// goes on past a __syncthreads() once every fiber has reached it. The fibers share the block's
-// __shared__ memory. The CUDA keywords become plain C++; the kernels' index arithmetic, grid-stride
-// loops, launch sizes and block reductions are the ones nvcc compiles, so their results can be
-// compared with the reference on a machine without a GPU. What this cannot check: the device's
-// memory model, float16 arithmetic in device code, and speed.
+// goes on past a __syncthreads() once every fiber has reached it; the turns alternate between
+// ascending and descending thread order, so most missing barriers change the result. The fibers
+// share the block's __shared__ memory. The CUDA keywords become plain C++; the kernels' index
+// arithmetic, grid-stride loops, launch sizes and block reductions are the ones nvcc compiles, so
+// their results can be compared with the reference on a machine without a GPU. What this cannot
+// check: the device's memory model, float16 arithmetic in device code, and speed.
 #include <torch/extension.h>
 #include <ucontext.h>
 
@@ -40,9 +41,14 @@ class Block {
       fiber.done = false;
       makecontext(&fiber.context, &Block::entry, 0);
     }
-    for (;;) {  // one round: each unfinished fiber runs to its next __syncthreads() or its end
+    // One round: each unfinished fiber runs to its next __syncthreads() or its end, in ascending and
+    // descending order of threads in turn, starting one way in even blocks and the other in odd
+    // ones, so that a value one thread reads before a barrier that should have kept it from another
+    // thread's write is read out of order in one round or the other (a GPU gives no order at all).
+    for (int64_t round = block_idx.x % 2;; ++round) {
       int done = 0;
-      for (size_t t = 0; t < fibers_.size(); ++t) {
+      for (size_t n = 0; n < fibers_.size(); ++n) {
+        const size_t t = round % 2 == 0 ? n : fibers_.size() - 1 - n;
         if (fibers_[t].done) {
           ++done;
           continue;

@@ -4,8 +4,10 @@
 // thread, so that their index arithmetic is tested on machines without a GPU.
 //
 // One thread per output element (forward), per input element (grad_x, gathered so no atomics),
-// per spatial-filter element (grad_spatial_filter, a sum over the group's channels); one block per
-// (b, c, tap) for grad_channel_filter (a sum over output pixels). Threads walk elements in the
+// per spatial-filter element (grad_spatial_filter, a sum over the group's channels); for
+// grad_channel_filter (a sum over output pixels), one block per (b, c, tap) on NCHW tensors and on
+// NHWC ones per (b, chunk of pixels, 32 channels) with every tap's sum in registers, then a sum over
+// the chunks (k <= 7; larger kernels take the block per (b, c, tap)). Threads walk elements in the
 // tensors' memory order (NCHW or NHWC), so neighbouring threads touch neighbouring addresses.
 // float16 and bfloat16 are loaded as such and accumulated in float32.
 #pragma once
@@ -147,6 +149,78 @@ __global__ void grad_channel_kernel(const scalar_t* __restrict__ GO, const scala
   if (threadIdx.x == 0) GCF[bct] = scalar_t(partial[0]);
 }
 
+// grad_channel_filter for channels_last tensors, in two steps. grad_channel_kernel's block per
+// (b, c, tap) would read grad_out and x there at strides of C values (a 32-byte sector for each
+// 4-byte value), and read them again for every other channel and tap. Here a warp's 32 lanes take 32
+// consecutive channels of one pixel (one coalesced read), each thread keeps the sums of all KK <=
+// KKMAX taps in registers, and a block's warps take every kPixelWarps-th pixel of a chunk of
+// kChunkPixels pixels; the warps' sums are added in shared memory, and each (image, chunk, tap,
+// channel) sum goes to PART (B, chunks, KK, C). grad_channel_sum_kernel then adds the chunks in
+// order: no atomics, so the result is the same on every run.
+constexpr int kChannelLanes = 32, kPixelWarps = kThreads / kChannelLanes;
+constexpr int64_t kChunkPixels = 2048;
+
+template <typename scalar_t, Combine mode, int KKMAX>
+__global__ void grad_channel_nhwc_kernel(const scalar_t* __restrict__ GO, const scalar_t* __restrict__ X,
+                                         const scalar_t* __restrict__ SF, at::opmath_type<scalar_t>* __restrict__ PART,
+                                         Layout L, int64_t chunks) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t sums[kPixelWarps][kChannelLanes];
+  const int64_t tiles = (L.C + kChannelLanes - 1) / kChannelLanes;
+  const int64_t tile = blockIdx.x % tiles, chunk = blockIdx.x / tiles % chunks, b = blockIdx.x / tiles / chunks;
+  const int lane = threadIdx.x % kChannelLanes, warp = threadIdx.x / kChannelLanes;
+  // lanes past the last channel load nothing but still meet the others at every __syncthreads()
+  const int64_t c = tile * kChannelLanes + lane, grp = c / L.cpg;
+  acc_t acc[KKMAX];
+#pragma unroll
+  for (int t = 0; t < KKMAX; ++t) acc[t] = 0;
+  const int64_t p_end = (chunk + 1) * kChunkPixels < L.OH * L.OW ? (chunk + 1) * kChunkPixels : L.OH * L.OW;
+  if (c < L.C) {
+    for (int64_t p = chunk * kChunkPixels + warp; p < p_end; p += kPixelWarps) {
+      const int64_t y = p / L.OW, x = p % L.OW;
+      const acc_t go = acc_t(GO[L.out_at(b, c, y, x)]);
+      int64_t i = 0, j = 0;  // tap t's kernel row and column
+#pragma unroll
+      for (int t = 0; t < KKMAX; ++t) {
+        if (t < L.KK) {
+          const int64_t iy = y * L.s + (i - L.r) * L.dil, ix = x * L.s + (j - L.r) * L.dil;
+          if (iy >= 0 && iy < L.H && ix >= 0 && ix < L.W) {
+            acc_t v = go * acc_t(X[L.x_at(b, c, iy, ix)]);
+            if constexpr (mode == Combine::kMul) v *= acc_t(SF[L.sf_at(b, grp * L.KK + t, y, x)]);
+            acc[t] += v;
+          }
+          if (++j == L.K) j = 0, ++i;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < KKMAX; ++t) {
+    if (t >= L.KK) break;  // the same for every thread of the block
+    sums[warp][lane] = acc[t];
+    __syncthreads();
+    if (warp == 0 && c < L.C) {
+      acc_t total = 0;
+      for (int w = 0; w < kPixelWarps; ++w) total += sums[w][lane];
+      PART[((b * chunks + chunk) * L.KK + t) * L.C + c] = total;
+    }
+    __syncthreads();
+  }
+}
+
+// GCF (B, C, KK) from grad_channel_nhwc_kernel's partial sums, one thread per value.
+template <typename scalar_t>
+__global__ void grad_channel_sum_kernel(const at::opmath_type<scalar_t>* __restrict__ PART, scalar_t* __restrict__ GCF,
+                                        Layout L, int64_t chunks, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t t = i % L.KK, c = i / L.KK % L.C, b = i / L.KK / L.C;
+    acc_t total = 0;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) total += PART[((b * chunks + chunk) * L.KK + t) * L.C + c];
+    GCF[i] = scalar_t(total);
+  }
+}
+
 inline Layout make_layout(const FilterGeometry& g, bool nhwc) {
   return Layout{g.batch, g.channels, g.height, g.width, g.out_height, g.out_width, g.groups, g.kernel_size,
                 g.taps(), g.channels_per_group(), g.radius(), g.dilation, g.stride, nhwc};
@@ -204,9 +278,27 @@ std::vector<at::Tensor> backward_with(const at::Tensor& go_in, const at::Tensor&
       if (gsf.numel() > 0)
         launch(grad_spatial_kernel<scalar_t, M>, blocks_for(gsf.numel()), go.const_data_ptr<scalar_t>(),
                x.const_data_ptr<scalar_t>(), cfp, gsf.mutable_data_ptr<scalar_t>(), L, gsf.numel());
-      if (has_cf && gcf.numel() > 0)
+      if (has_cf && gcf.numel() > 0 && L.nhwc && L.KK <= 49) {
+        using acc_t = at::opmath_type<scalar_t>;
+        const int64_t chunks = (g.out_height * g.out_width + kChunkPixels - 1) / kChunkPixels;
+        const int64_t blocks = (g.channels + kChannelLanes - 1) / kChannelLanes * chunks * g.batch;
+        TORCH_CHECK(blocks < (int64_t(1) << 31), "dynamic filter: grad_channel_filter of ", g.batch, " images of ",
+                    g.out_height, "x", g.out_width, " pixels and ", g.channels, " channels needs too many blocks");
+        at::Tensor part = at::empty({g.batch, chunks, g.taps(), g.channels},
+                                    x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+        auto sums = [&](auto kkmax) {
+          launch(grad_channel_nhwc_kernel<scalar_t, M, decltype(kkmax)::value>, static_cast<int>(blocks),
+                 go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), sf.const_data_ptr<scalar_t>(),
+                 part.mutable_data_ptr<acc_t>(), L, chunks);
+        };
+        if (L.KK <= 9) sums(std::integral_constant<int, 9>{});  // k = 1 or 3
+        else sums(std::integral_constant<int, 49>{});           // k = 5 or 7
+        launch(grad_channel_sum_kernel<scalar_t>, blocks_for(gcf.numel()), part.const_data_ptr<acc_t>(),
+               gcf.mutable_data_ptr<scalar_t>(), L, chunks, gcf.numel());
+      } else if (has_cf && gcf.numel() > 0) {
         launch(grad_channel_kernel<scalar_t, M>, static_cast<int>(gcf.numel()), go.const_data_ptr<scalar_t>(),
                x.const_data_ptr<scalar_t>(), sf.const_data_ptr<scalar_t>(), gcf.mutable_data_ptr<scalar_t>(), L);
+      }
     });
   });
   return {gx, gcf, gsf};

@@ -231,7 +231,6 @@ inline at::MemoryFormat layout_of(const at::Tensor& x) {
                                                                       : at::MemoryFormat::Contiguous;
 }
 
-
 // The forward and the backward on x's device: launch(kernel, blocks, args...) starts `kernel` on
 // `blocks` blocks of kThreads threads with those arguments.
 template <typename Launch>

@@ -151,7 +151,7 @@ __global__ void grad_channel_kernel(const scalar_t* __restrict__ GO, const scala
 
 // grad_channel_filter for channels_last tensors, in two steps. grad_channel_kernel's block per
 // (b, c, tap) would read grad_out and x there at strides of C values (a 32-byte sector for each
-// 4-byte value), and read them again for every other channel and tap. Here a warp's 32 lanes take 32
+// 4-byte value), and read each value again for every tap. Here a warp's 32 lanes take 32
 // consecutive channels of one pixel (one coalesced read), each thread keeps the sums of all KK <=
 // KKMAX taps in registers, and a block's warps take every kPixelWarps-th pixel of a chunk of
 // kChunkPixels pixels; the warps' sums are added in shared memory, and each (image, chunk, tap,

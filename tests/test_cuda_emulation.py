@@ -48,7 +48,11 @@ def _check(got, want, tol):
 # of 32 channels; k = 9 takes the NHWC grad_channel_filter's block per (b, c, tap)
 GEOMETRIES = [(3, 1, 1, 1, 2, 8, 9, 10), (5, 2, 2, 2, 2, 8, 9, 11), (7, 1, 2, 1, 1, 4, 12, 9),
               (1, 1, 1, 4, 1, 8, 5, 6), (3, 1, 1, 2, 1, 4, 19, 21), (3, 1, 1, 4, 1, 40, 48, 50),
-              (9, 1, 1, 1, 1, 4, 10, 11)]
+              (9, 1, 1, 1, 1, 4, 10, 11),
+              # C a multiple of 32: the NHWC grad_spatial_filter's warp per pixel and 32 channels, with
+              # 64 channels per group (two steps), 16 (two groups per warp, two warps per pixel) and
+              # 1 (no shuffles)
+              (3, 1, 1, 1, 1, 64, 7, 9), (7, 2, 1, 4, 1, 64, 9, 8), (5, 1, 2, 32, 1, 32, 9, 10)]
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)

@@ -98,6 +98,21 @@ class Block {
 // one block runs at a time, so a function's static array is its block's shared memory
 #define __shared__ static
 inline void __syncthreads() { cuda_emulation::Block::syncthreads(); }
+// A shuffle as every lane of the block's warps taking part (the kernels call them with all 32 lanes,
+// the same number of times in every warp of a block): each thread leaves its value, all meet, each
+// takes its partner's, all meet again before the values can be overwritten.
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
+  static T exchange[1024];
+  TORCH_CHECK(mask == 0xffffffffu && lane_mask > 0 && lane_mask < 32, "emulation: shuffle mask ", mask, ", lane mask ",
+              lane_mask);
+  TORCH_CHECK(cuda_emulation::block_dim.x <= 1024, "emulation: more than 1024 threads");
+  exchange[cuda_emulation::thread_idx.x] = value;
+  cuda_emulation::Block::syncthreads();
+  const T other = exchange[cuda_emulation::thread_idx.x ^ static_cast<unsigned>(lane_mask)];
+  cuda_emulation::Block::syncthreads();
+  return other;
+}
 
 #include "ops/cuda/dynamic_filter_kernels.cuh"
 

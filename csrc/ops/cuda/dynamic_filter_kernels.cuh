@@ -4,7 +4,8 @@
 // thread, so that their index arithmetic is tested on machines without a GPU.
 //
 // One thread per output element (forward), per input element (grad_x, gathered so no atomics),
-// per spatial-filter element (grad_spatial_filter, a sum over the group's channels); for
+// per spatial-filter element (grad_spatial_filter, a sum over the group's channels; on NHWC tensors
+// a warp per pixel and 32 channels, summed over each group's lanes by shuffles); for
 // grad_channel_filter (a sum over output pixels), one block per (b, c, tap) on NCHW tensors and on
 // NHWC ones per (b, chunk of pixels, 32 channels) with every tap's sum in registers, then a sum over
 // the chunks (k <= 7; larger kernels take the block per (b, c, tap)). Threads walk elements in the
@@ -221,6 +222,56 @@ __global__ void grad_channel_sum_kernel(const at::opmath_type<scalar_t>* __restr
   }
 }
 
+// grad_spatial_filter for channels_last tensors with C a multiple of 32 and channels per group
+// (cpg) that divide 32 or are a multiple of it (nhwc_spatial_lanes). grad_spatial_kernel's thread
+// per filter value would have a warp's 32 loads of x hit up to 32 different pixels. Here a warp takes
+// one output pixel and 32 consecutive channels, its lanes S = min(cpg, 32) to a group (32 / S groups
+// at once; with cpg > 32, one group in steps of 32 channels), so every load is one coalesced read.
+// Per tap, each lane's products are added over its group's S lanes by log2(S) butterfly shuffles,
+// and the group's first lane writes the sum. Every warp of a block runs the same number of items,
+// taps and shuffles (a warp past the last item computes zeros and writes nothing), so the shuffles
+// always meet all 32 lanes.
+inline bool nhwc_spatial_lanes(const FilterGeometry& g) {
+  const int64_t cpg = g.channels_per_group();
+  return g.channels % 32 == 0 && (cpg % 32 == 0 || (cpg < 32 && (cpg & (cpg - 1)) == 0));
+}
+
+template <typename scalar_t, Combine mode>
+__global__ void grad_spatial_nhwc_kernel(const scalar_t* __restrict__ GO, const scalar_t* __restrict__ X,
+                                         const scalar_t* __restrict__ CF, scalar_t* __restrict__ GSF, Layout L,
+                                         int64_t items) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kChannelLanes, warp = threadIdx.x / kChannelLanes;
+  const bool narrow = L.cpg < kChannelLanes;
+  const int S = narrow ? static_cast<int>(L.cpg) : kChannelLanes;    // lanes per group
+  const int64_t steps = narrow ? 1 : L.cpg / kChannelLanes;           // 32-channel steps per group
+  const int64_t slices = narrow ? L.C / kChannelLanes : L.G;          // warp items per pixel
+  const int64_t warps = int64_t(gridDim.x) * kPixelWarps;
+  const int64_t rounds = (items + warps - 1) / warps;  // the same for every warp
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t item = (round * gridDim.x + blockIdx.x) * kPixelWarps + warp;
+    const bool active = item < items;
+    const int64_t slice = item % slices, pixel = item / slices;
+    const int64_t x = pixel % L.OW, y = pixel / L.OW % L.OH, b = pixel / L.OW / L.OH;
+    const int64_t c0 = (narrow ? slice * kChannelLanes : slice * L.cpg) + lane, grp = c0 / L.cpg;
+    int64_t i = 0, j = 0;  // tap t's kernel row and column
+    for (int64_t t = 0; t < L.KK; ++t) {
+      const int64_t iy = y * L.s + (i - L.r) * L.dil, ix = x * L.s + (j - L.r) * L.dil;
+      if (++j == L.K) j = 0, ++i;
+      acc_t v = 0;
+      if (active && iy >= 0 && iy < L.H && ix >= 0 && ix < L.W) {
+        for (int64_t k = 0; k < steps; ++k) {
+          const int64_t c = c0 + k * kChannelLanes;
+          const acc_t cw = mode == Combine::kMul ? acc_t(CF[(b * L.C + c) * L.KK + t]) : acc_t(1);
+          v += acc_t(GO[L.out_at(b, c, y, x)]) * acc_t(X[L.x_at(b, c, iy, ix)]) * cw;
+        }
+      }
+      for (int offset = S / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      if (active && lane % S == 0) GSF[L.sf_at(b, grp * L.KK + t, y, x)] = scalar_t(v);
+    }
+  }
+}
+
 inline Layout make_layout(const FilterGeometry& g, bool nhwc) {
   return Layout{g.batch, g.channels, g.height, g.width, g.out_height, g.out_width, g.groups, g.kernel_size,
                 g.taps(), g.channels_per_group(), g.radius(), g.dilation, g.stride, nhwc};
@@ -274,9 +325,16 @@ std::vector<at::Tensor> backward_with(const at::Tensor& go_in, const at::Tensor&
       if (gx.numel() > 0)
         launch(grad_input_kernel<scalar_t, M>, blocks_for(gx.numel()), go.const_data_ptr<scalar_t>(), cfp,
                sf.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), L, gx.numel());
-      if (gsf.numel() > 0)
+      if (gsf.numel() > 0 && L.nhwc && nhwc_spatial_lanes(g)) {
+        const int64_t cpg = g.channels_per_group();
+        const int64_t items = g.batch * g.out_height * g.out_width * (cpg < 32 ? g.channels / 32 : g.groups);
+        launch(grad_spatial_nhwc_kernel<scalar_t, M>, blocks_for(items * kChannelLanes),
+               go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), cfp, gsf.mutable_data_ptr<scalar_t>(),
+               L, items);
+      } else if (gsf.numel() > 0) {
         launch(grad_spatial_kernel<scalar_t, M>, blocks_for(gsf.numel()), go.const_data_ptr<scalar_t>(),
                x.const_data_ptr<scalar_t>(), cfp, gsf.mutable_data_ptr<scalar_t>(), L, gsf.numel());
+      }
       if (has_cf && gcf.numel() > 0 && L.nhwc && L.KK <= 49) {
         using acc_t = at::opmath_type<scalar_t>;
         const int64_t chunks = (g.out_height * g.out_width + kChunkPixels - 1) / kChunkPixels;

@@ -5,7 +5,8 @@
 //
 // One thread per output element (forward), per input element (grad_x, gathered so no atomics),
 // per spatial-filter element (grad_spatial_filter, a sum over the group's channels; on NHWC tensors
-// a warp per pixel and 32 channels, summed over each group's lanes by shuffles); for
+// whose channels suit nhwc_spatial_lanes, a warp per pixel and 32 channels, summed over each
+// group's lanes by shuffles); for
 // grad_channel_filter (a sum over output pixels), one block per (b, c, tap) on NCHW tensors and on
 // NHWC ones per (b, chunk of pixels, 32 channels) with every tap's sum in registers, then a sum over
 // the chunks (k <= 7; larger kernels take the block per (b, c, tap)). Threads walk elements in the

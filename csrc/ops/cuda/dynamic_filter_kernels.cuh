@@ -42,6 +42,14 @@ struct Layout {
   __device__ __forceinline__ int64_t sf_at(int64_t b, int64_t ch, int64_t y, int64_t x) const {
     return nhwc ? ((b * OH + y) * OW + x) * G * KK + ch : ((b * G * KK + ch) * OH + y) * OW + x;
   }
+  // channel filter (B, C, KK), always contiguous
+  __device__ __forceinline__ int64_t cf_at(int64_t b, int64_t c, int64_t t) const { return (b * C + c) * KK + t; }
+  // the input (iy, ix) that tap (i, j) of output (y, x) reads; false where it lies outside the image
+  __device__ __forceinline__ bool tap_input(int64_t y, int64_t x, int64_t i, int64_t j, int64_t& iy,
+                                            int64_t& ix) const {
+    iy = y * s + (i - r) * dil, ix = x * s + (j - r) * dil;
+    return iy >= 0 && iy < H && ix >= 0 && ix < W;
+  }
   // decode a linear index in memory order of a (B, channels, h, w) tensor into (b, ch, y, x)
   __device__ __forceinline__ void decode(int64_t i, int64_t channels, int64_t h, int64_t w, int64_t& b, int64_t& ch,
                                          int64_t& y, int64_t& x) const {
@@ -60,6 +68,34 @@ __device__ __forceinline__ acc_t combine(acc_t channel_weight, acc_t spatial_wei
   else return spatial_weight;
 }
 
+// The weight W(b, c, t, y, x) of dynamic_filter.h, and its derivatives with respect to the spatial
+// filter (the channel filter's value for kMul, else 1) and to the channel filter (the spatial
+// filter's value for kMul, else 1).
+template <Combine mode, typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> filter_weight(const scalar_t* CF, const scalar_t* SF,
+                                                                   const Layout& L, int64_t b, int64_t c, int64_t t,
+                                                                   int64_t y, int64_t x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t cw = mode == Combine::kSpatialOnly ? acc_t(1) : acc_t(CF[L.cf_at(b, c, t)]);
+  return combine<mode>(cw, acc_t(SF[L.sf_at(b, c / L.cpg * L.KK + t, y, x)]));
+}
+
+template <Combine mode, typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> weight_by_spatial(const scalar_t* CF, const Layout& L, int64_t b,
+                                                                       int64_t c, int64_t t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (mode == Combine::kMul) return acc_t(CF[L.cf_at(b, c, t)]);
+  else return acc_t(1);
+}
+
+template <Combine mode, typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> weight_by_channel(const scalar_t* SF, const Layout& L, int64_t b,
+                                                                       int64_t c, int64_t t, int64_t y, int64_t x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (mode == Combine::kMul) return acc_t(SF[L.sf_at(b, c / L.cpg * L.KK + t, y, x)]);
+  else return acc_t(1);
+}
+
 inline int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 30));
 }
@@ -71,14 +107,11 @@ __global__ void forward_kernel(const scalar_t* __restrict__ X, const scalar_t* _
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
     int64_t b, c, y, x;
     L.decode(i, L.C, L.OH, L.OW, b, c, y, x);
-    const int64_t grp = c / L.cpg;
     acc_t acc = 0;
     for (int64_t t = 0; t < L.KK; ++t) {
-      const int64_t iy = y * L.s + (t / L.K - L.r) * L.dil, ix = x * L.s + (t % L.K - L.r) * L.dil;
-      if (iy < 0 || iy >= L.H || ix < 0 || ix >= L.W) continue;
-      const acc_t cw = mode == Combine::kSpatialOnly ? acc_t(1) : acc_t(CF[(b * L.C + c) * L.KK + t]);
-      const acc_t w = combine<mode>(cw, acc_t(SF[L.sf_at(b, grp * L.KK + t, y, x)]));
-      acc += acc_t(X[L.x_at(b, c, iy, ix)]) * w;
+      int64_t iy, ix;
+      if (!L.tap_input(y, x, t / L.K, t % L.K, iy, ix)) continue;
+      acc += acc_t(X[L.x_at(b, c, iy, ix)]) * filter_weight<mode>(CF, SF, L, b, c, t, y, x);
     }
     OUT[i] = scalar_t(acc);
   }
@@ -91,15 +124,13 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ GO, const scalar_
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(blockDim.x) * gridDim.x) {
     int64_t b, c, iy, ix;
     L.decode(i, L.C, L.H, L.W, b, c, iy, ix);
-    const int64_t grp = c / L.cpg;
     acc_t acc = 0;
     for (int64_t t = 0; t < L.KK; ++t) {
       const int64_t ny = iy - (t / L.K - L.r) * L.dil, nx = ix - (t % L.K - L.r) * L.dil;
       if (ny < 0 || nx < 0 || ny % L.s || nx % L.s) continue;
       const int64_t y = ny / L.s, x = nx / L.s;
       if (y >= L.OH || x >= L.OW) continue;
-      const acc_t cw = mode == Combine::kSpatialOnly ? acc_t(1) : acc_t(CF[(b * L.C + c) * L.KK + t]);
-      acc += acc_t(GO[L.out_at(b, c, y, x)]) * combine<mode>(cw, acc_t(SF[L.sf_at(b, grp * L.KK + t, y, x)]));
+      acc += acc_t(GO[L.out_at(b, c, y, x)]) * filter_weight<mode>(CF, SF, L, b, c, t, y, x);
     }
     GX[i] = scalar_t(acc);
   }
@@ -113,13 +144,12 @@ __global__ void grad_spatial_kernel(const scalar_t* __restrict__ GO, const scala
     int64_t b, ch, y, x;
     L.decode(i, L.G * L.KK, L.OH, L.OW, b, ch, y, x);
     const int64_t grp = ch / L.KK, t = ch % L.KK;
-    const int64_t iy = y * L.s + (t / L.K - L.r) * L.dil, ix = x * L.s + (t % L.K - L.r) * L.dil;
+    int64_t iy, ix;
     acc_t acc = 0;
-    if (iy >= 0 && iy < L.H && ix >= 0 && ix < L.W) {
-      for (int64_t c = grp * L.cpg; c < (grp + 1) * L.cpg; ++c) {
-        const acc_t cw = mode == Combine::kMul ? acc_t(CF[(b * L.C + c) * L.KK + t]) : acc_t(1);
-        acc += acc_t(GO[L.out_at(b, c, y, x)]) * acc_t(X[L.x_at(b, c, iy, ix)]) * cw;
-      }
+    if (L.tap_input(y, x, t / L.K, t % L.K, iy, ix)) {
+      for (int64_t c = grp * L.cpg; c < (grp + 1) * L.cpg; ++c)
+        acc += acc_t(GO[L.out_at(b, c, y, x)]) * acc_t(X[L.x_at(b, c, iy, ix)]) *
+               weight_by_spatial<mode>(CF, L, b, c, t);
     }
     GSF[i] = scalar_t(acc);
   }
@@ -132,15 +162,14 @@ __global__ void grad_channel_kernel(const scalar_t* __restrict__ GO, const scala
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t partial[kThreads];
   const int64_t bct = blockIdx.x;
-  const int64_t t = bct % L.KK, bc = bct / L.KK, c = bc % L.C, b = bc / L.C, grp = c / L.cpg;
-  const int64_t dy = (t / L.K - L.r) * L.dil, dx = (t % L.K - L.r) * L.dil;
+  const int64_t t = bct % L.KK, bc = bct / L.KK, c = bc % L.C, b = bc / L.C;
   acc_t acc = 0;
   for (int64_t p = threadIdx.x; p < L.OH * L.OW; p += blockDim.x) {
-    const int64_t y = p / L.OW, x = p % L.OW, iy = y * L.s + dy, ix = x * L.s + dx;
-    if (iy < 0 || iy >= L.H || ix < 0 || ix >= L.W) continue;
-    acc_t v = acc_t(GO[L.out_at(b, c, y, x)]) * acc_t(X[L.x_at(b, c, iy, ix)]);
-    if constexpr (mode == Combine::kMul) v *= acc_t(SF[L.sf_at(b, grp * L.KK + t, y, x)]);
-    acc += v;
+    const int64_t y = p / L.OW, x = p % L.OW;
+    int64_t iy, ix;
+    if (!L.tap_input(y, x, t / L.K, t % L.K, iy, ix)) continue;
+    acc += acc_t(GO[L.out_at(b, c, y, x)]) * acc_t(X[L.x_at(b, c, iy, ix)]) *
+           weight_by_channel<mode>(SF, L, b, c, t, y, x);
   }
   partial[threadIdx.x] = acc;
   __syncthreads();
@@ -172,7 +201,7 @@ __global__ void grad_channel_nhwc_kernel(const scalar_t* __restrict__ GO, const 
   const int64_t tile = blockIdx.x % tiles, chunk = blockIdx.x / tiles % chunks, b = blockIdx.x / tiles / chunks;
   const int lane = threadIdx.x % kChannelLanes, warp = threadIdx.x / kChannelLanes;
   // lanes past the last channel load nothing but still meet the others at every __syncthreads()
-  const int64_t c = tile * kChannelLanes + lane, grp = c / L.cpg;
+  const int64_t c = tile * kChannelLanes + lane;
   acc_t acc[KKMAX];
 #pragma unroll
   for (int t = 0; t < KKMAX; ++t) acc[t] = 0;
@@ -185,12 +214,9 @@ __global__ void grad_channel_nhwc_kernel(const scalar_t* __restrict__ GO, const 
 #pragma unroll
       for (int t = 0; t < KKMAX; ++t) {
         if (t < L.KK) {
-          const int64_t iy = y * L.s + (i - L.r) * L.dil, ix = x * L.s + (j - L.r) * L.dil;
-          if (iy >= 0 && iy < L.H && ix >= 0 && ix < L.W) {
-            acc_t v = go * acc_t(X[L.x_at(b, c, iy, ix)]);
-            if constexpr (mode == Combine::kMul) v *= acc_t(SF[L.sf_at(b, grp * L.KK + t, y, x)]);
-            acc[t] += v;
-          }
+          int64_t iy, ix;
+          if (L.tap_input(y, x, i, j, iy, ix))
+            acc[t] += go * acc_t(X[L.x_at(b, c, iy, ix)]) * weight_by_channel<mode>(SF, L, b, c, t, y, x);
           if (++j == L.K) j = 0, ++i;
         }
       }
@@ -257,14 +283,15 @@ __global__ void grad_spatial_nhwc_kernel(const scalar_t* __restrict__ GO, const 
     const int64_t c0 = (narrow ? slice * kChannelLanes : slice * L.cpg) + lane, grp = c0 / L.cpg;
     int64_t i = 0, j = 0;  // tap t's kernel row and column
     for (int64_t t = 0; t < L.KK; ++t) {
-      const int64_t iy = y * L.s + (i - L.r) * L.dil, ix = x * L.s + (j - L.r) * L.dil;
+      int64_t iy, ix;
+      const bool inside = L.tap_input(y, x, i, j, iy, ix);
       if (++j == L.K) j = 0, ++i;
       acc_t v = 0;
-      if (active && iy >= 0 && iy < L.H && ix >= 0 && ix < L.W) {
+      if (active && inside) {
         for (int64_t k = 0; k < steps; ++k) {
           const int64_t c = c0 + k * kChannelLanes;
-          const acc_t cw = mode == Combine::kMul ? acc_t(CF[(b * L.C + c) * L.KK + t]) : acc_t(1);
-          v += acc_t(GO[L.out_at(b, c, y, x)]) * acc_t(X[L.x_at(b, c, iy, ix)]) * cw;
+          v += acc_t(GO[L.out_at(b, c, y, x)]) * acc_t(X[L.x_at(b, c, iy, ix)]) *
+               weight_by_spatial<mode>(CF, L, b, c, t);
         }
       }
       for (int offset = S / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);

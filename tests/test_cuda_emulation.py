@@ -1,9 +1,9 @@
 """The CUDA kernels, run without a GPU: tests/cuda_emulation/emulate.cpp compiles
 csrc/ops/cuda/dynamic_filter_kernels.cuh (the kernels and the host code that sizes and launches them,
-which the CUDA build compiles with nvcc) as plain C++, and runs every block of a launch by 256 CPU
-threads that share its __shared__ memory and meet at __syncthreads(). Its results are compared with
-the pure-PyTorch reference, so a wrong index, grid-stride loop, launch size or block reduction in the
-CUDA code fails here, on CI, and not first on a user's GPU. (The device's own float16 arithmetic and
+which the CUDA build compiles with nvcc) as plain C++, and runs every block of a launch as 256 fibers
+that share its __shared__ memory and meet at __syncthreads() and at warp shuffles. Its results are
+compared with the pure-PyTorch reference, so a wrong index, grid-stride loop, launch size, block
+reduction or missing barrier in the CUDA code fails here, on CI, and not first on a user's GPU. (The device's own float16 arithmetic and
 speed are tested only where a GPU is present: the CUDA tests of test_ops.py.)
 """
 
@@ -21,14 +21,14 @@ MUL, ADD, SPATIAL_ONLY = 0, 1, 2  # dynrobust::Combine
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    """The emulation, compiled into a fresh folder (about a minute)."""
+    """The emulation, compiled into a fresh folder (about half a minute)."""
     if not native._cpp_extension().is_ninja_available():
         pytest.fail("ninja is missing: scripts/setup installs it")
     root = native.source_dir()
     return native._cpp_extension().load(
         name="dynrobust_cuda_emulation",
         sources=[os.path.join(HERE, "cuda_emulation", "emulate.cpp"), str(root / "ops" / "dynamic_filter.cpp")],
-        extra_include_paths=[str(root)], extra_cflags=["-O1"], extra_ldflags=["-pthread"],
+        extra_include_paths=[str(root)], extra_cflags=["-O1"],
         build_directory=str(tmp_path_factory.mktemp("cuda_emulation")), verbose=False)
 
 

@@ -11,8 +11,10 @@ DDF-ResNet's DDF and RedNet's involution) has stride 2: 32x128x56x56/2, 32x256x2
 32x512x14x14/2. DDF: k=3, head 1, 'mul' (DDF-ResNet); involution: k=7, groups C/16 (RedNet).
 
 Time: the median of ``--repeats`` runs after one warm-up, the three implementations interleaved in
-each round so that the machine's load hits them alike. Backward time = median(forward + backward)
-- median(forward).
+each round so that the machine's load hits them alike. In the forward + backward rounds the backward
+(``torch.autograd.grad``) is also timed on its own, and backward/forward is the median of those
+backward times over the median forward (without autograd): measured, not a difference of two
+medians, which on a noisy machine could come out negative.
 
 Peak memory: what the call allocates beyond its inputs (the output, saved tensors and workspace),
 and in brackets the total including the inputs. CUDA: from torch.cuda.max_memory_allocated. CPU:
@@ -108,16 +110,22 @@ def _sync(device):
 
 
 def time_call(op, impl, t, device, backward, stride):
+    """Seconds for the forward (no autograd), or (forward + backward, backward alone) with backward."""
     _sync(device)
     start = time.perf_counter()
-    if backward:
-        out = run(op, impl, t, stride)
-        torch.autograd.grad(out, _grad_inputs(op, impl, t), torch.ones_like(out))
-    else:
+    if not backward:
         with torch.no_grad():
             run(op, impl, t, stride)
+        _sync(device)
+        return time.perf_counter() - start
+    out = run(op, impl, t, stride)
+    grad_out = torch.ones_like(out)
     _sync(device)
-    return time.perf_counter() - start
+    middle = time.perf_counter()
+    torch.autograd.grad(out, _grad_inputs(op, impl, t), grad_out)
+    _sync(device)
+    end = time.perf_counter()
+    return end - start, end - middle
 
 
 def streaming_floor(t, repeats):
@@ -222,6 +230,9 @@ def main():
                         for impl in impls:
                             runs[impl].append(time_call(op, impl, t[impl], device, backward, _stride(shape)))
                     del t
+                    if backward:
+                        bwd = {impl: statistics.median(b for _, b in v) * 1e3 for impl, v in runs.items()}
+                        runs = {impl: [total for total, _ in v] for impl, v in runs.items()}
                     med = {impl: statistics.median(v) * 1e3 for impl, v in runs.items()}
                     times[backward] = med
                     name = "fwd+bwd" if backward else "forward"
@@ -234,14 +245,17 @@ def main():
                         if not backward:
                             summary.append((op, shape, "memory", mem["native"][0] / max(mem["dwconv"][0], 1)))
                     print(line, flush=True)
-                fwd, both = times[False]["native"], times[True]["native"]
+                    if backward:
+                        print(f"{op:<10} {shape_name(shape):<18} {'bwd':<8}" + "".join(
+                            f"{bwd[i]:>14.2f}" for i in impls) + f"{bwd['native'] / bwd['dwconv']:>10.2f}x", flush=True)
+                fwd = times[False]["native"]
                 if args.floor:
                     with torch.no_grad():
                         floor = streaming_floor(make_inputs(op, shape, device), args.repeats) * 1e3
                     print(f"{op:<10} {shape_name(shape):<18} floor    {floor:>14.2f}  native/floor "
                           f"{fwd / floor:.2f}x", flush=True)
                 summary.append((op, shape, "time", fwd / times[False]["dwconv"]))
-                summary.append((op, shape, "backward/forward", (both - fwd) / fwd))
+                summary.append((op, shape, "backward/forward", bwd["native"] / fwd))
     print("\n# targets: forward time <= 1.5x dwconv, forward memory <= 1.2x dwconv, backward <= 3x forward")
     for op, shape, what, ratio in summary:
         target = {"time": 1.5, "memory": 1.2, "backward/forward": 3.0}[what]

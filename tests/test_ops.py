@@ -185,6 +185,25 @@ def test_nhwc_fast_path_at_borders_and_every_width(built, channels, head, groups
             assert _max_diff(got, want) < 1e-12
 
 
+@pytest.mark.parametrize("stride,dilation", [(2, 1), (2, 3), (3, 1), (3, 2), (3, 3), (4, 2)])
+def test_ddf_strided_grad_x_gathers_every_tap(built, stride, dilation):
+    # DDF's grad_x at strides over 1 gathers, per input pixel, the taps that reach it: every
+    # (s / gcd(s, d))-th kernel row and column from the first whose output pixel lies inside, so
+    # coprime and common-factor strides and dilations, k = 1 (where some rows get no tap at all) and
+    # maps smaller than the kernel's reach must all match the reference.
+    for k, (height, width) in itertools.product((1, 3, 5), ((9, 7), (4, 3), (12, 8))):
+        if height < stride or width < stride:
+            continue
+        for head, combine in ((1, "mul"), (2, "add")):
+            x, cf, sf = _ddf_inputs(2, 32, height, width, k, stride, head, channels_last=True, seed=k + width)
+            inputs = [t.requires_grad_() for t in (x, cf, sf)]
+            out = ops.ddf(*inputs, k, dilation, stride, combine, head)
+            ref = ddf_reference(*inputs, k, dilation, stride, combine, head)
+            assert _max_diff(out, ref) < 1e-12
+            for got, want in zip(_grads(out, inputs), _grads(ref, inputs)):
+                assert _max_diff(got, want) < 1e-12
+
+
 def test_float32_fast_path_matches_float64_reference(built):
     # RedNet's 16 channels per group and DDF's one head, with a 7x7 involution (with 16 float32
     # lanes, three 16-tap chunks of the filter gradient and a short last one; with 8, six and one).

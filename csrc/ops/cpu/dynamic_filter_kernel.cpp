@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -393,13 +394,15 @@ inline int vectors_per_group(const FilterGeometry& g, int64_t lanes) {
 // The taps of one pixel that read inside the image: the window of kernel rows i0..i1 and columns
 // j0..j1 (the border cuts off the others; an inner pixel keeps all k*k). Tap (i, j) reads
 // base + row[i] + j * col with spatial weight wbase[wrow[i] + j * wcol], base and wbase being the
-// pixel's own; row and wrow are shared by the pixels of an image row. Stepping through the window
-// needs no table of per-tap offsets (loading them took a fifth of the loads of the inner loop), and
-// border pixels skip the taps outside (43% of all taps at 7x7 with k = 7).
+// pixel's own; row and wrow are shared by the pixels of an image row. The tap's index (for DDF's
+// channel weights) is i * trow + j * tcol: i * k + j, except in the strided gather of grad_x, whose
+// window holds every (s / gcd(s, d))-th kernel row and column. Stepping through the window needs no
+// table of per-tap offsets (loading them took a fifth of the loads of the inner loop), and border
+// pixels skip the taps outside (43% of all taps at 7x7 with k = 7).
 struct TapWindow {
   const int64_t* row;
   const int64_t* wrow;
-  int64_t col, wcol, K;
+  int64_t col, wcol, trow, tcol;
   int64_t i0, i1, j0, j1;
 };
 
@@ -417,13 +420,13 @@ inline std::pair<int64_t, int64_t> inside_taps(int64_t p, int64_t size, const Fi
 // one step past its last tap could lie outside the tensor.
 template <int kSplit, typename F>
 inline void for_each_tap(const TapWindow& win, F&& at) {
-  const int64_t col = win.col, wcol = win.wcol;
+  const int64_t col = win.col, wcol = win.wcol, tcol = win.tcol;
   for (int64_t i = win.i0; i <= win.i1; ++i) {
-    int64_t xo = win.row[i] + win.j0 * col, wo = win.wrow[i] + win.j0 * wcol, t = i * win.K + win.j0;
+    int64_t xo = win.row[i] + win.j0 * col, wo = win.wrow[i] + win.j0 * wcol, t = i * win.trow + win.j0 * tcol;
     int64_t j = win.j0;
     for (; j + kSplit - 1 <= win.j1; j += kSplit)
-      for (int u = 0; u < kSplit; ++u, xo += col, wo += wcol, ++t) at(xo, wo, t, u);
-    for (; j <= win.j1; ++j, xo += col, wo += wcol, ++t) at(xo, wo, t, 0);
+      for (int u = 0; u < kSplit; ++u, xo += col, wo += wcol, t += tcol) at(xo, wo, t, u);
+    for (; j <= win.j1; ++j, xo += col, wo += wcol, t += tcol) at(xo, wo, t, 0);
   }
 }
 
@@ -549,8 +552,8 @@ class OutputRowWalk {
   void row(int64_t row, F&& pixel) const {
     const int64_t OW = g_.out_width, GKK = GKK_;
     const auto rows = inside_taps(row % g_.out_height * g_.stride, g_.height, g_);
-    TapWindow win{xrow_.data(), wrow_.data(), g_.dilation * g_.channels, 1, g_.kernel_size, rows.first, rows.second,
-                  0, -1};
+    TapWindow win{xrow_.data(), wrow_.data(), g_.dilation * g_.channels, 1, g_.kernel_size, 1, rows.first,
+                  rows.second, 0, -1};
     for (int64_t x = 0; x < OW; ++x) {
       const T* wbase = SF_ + (row * OW + x) * GKK;
       // the weights of the pixel 4 ahead (involution: G*KK values, 784 bytes per pixel for RedNet's
@@ -587,9 +590,10 @@ void forward_nhwc_fast(const T* X, const T* CFT, const T* SF, T* out, const Filt
   });
 }
 
-// grad_x by scattering, for strides over 1 (at stride 1 the gathering backward_input_nhwc_fast is as
-// fast or faster): each output pixel adds its grad_out times its own taps' weights to the inputs the
-// taps read, with the forward's walk and weights. Output rows go in bands of at least 8 rows and
+// grad_x by scattering, for involution at strides over 1 (at stride 1 the gathering
+// backward_input_nhwc_fast is as fast or faster; DDF gathers at all strides, see
+// backward_input_nhwc_gather): each output pixel adds its grad_out times its own taps' weights to
+// the inputs the taps read, with the forward's walk and weights. Output rows go in bands of at least 8 rows and
 // 2 * reach input rows, one task per band, the even bands of all images first, then the odd ones:
 // two bands of one phase are a band apart, so their writes (up to reach rows beyond their own) never
 // meet. GX need not be zero: each band first zeroes the rows it is the first to write (an even band
@@ -626,6 +630,59 @@ void backward_input_nhwc_scatter(const T* GO, const T* CFT, const T* SF, T* GX, 
       }
     });
   }
+}
+
+// grad_x by gathering, for strides over 1: input pixel (iy, ix) sums grad_out times the weight over
+// the taps (i, j) that reach it, from output pixel ((iy - (i - r) d) / s, (ix - (j - r) d) / s) where
+// both divide exactly and lie inside, accumulated in registers (filter_pixel_channels) and stored
+// once: no zeroing pass and no read-modify-write of grad_x per tap, as the scatter needs. The taps
+// reaching a row are every e-th kernel row, e = s / gcd(s, d) (their output rows d / gcd(s, d)
+// apart), from the first whose output row lies inside; the same for columns. At stride 2 and k = 3
+// a pixel has 1, 2 or 4 taps. The weights come from the output pixels' own (G*k*k) blocks, so DDF
+// (k*k per pixel) reads few lines, where involution (49 per group) would read one per tap.
+template <typename T, Combine mode>
+void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
+  const int64_t KK = g.taps(), GKK = g.groups * KK, s = g.stride, d = g.dilation, r = g.radius();
+  const int64_t common = std::gcd(s, d), tap_step = s / common, out_step = d / common;
+  const int vpg = vectors_per_group(g, Simd<T>::kLanes);
+  struct Reach {  // an input row's (or column's) first reaching kernel row, its output row, and how many
+    int64_t tap = 0, out = 0, count = 0;
+  };
+  auto reaches = [&](int64_t size, int64_t out_size) {
+    std::vector<Reach> all(size);
+    for (int64_t p = 0; p < size; ++p)
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t n = p - (i - r) * d;  // s * (output coordinate)
+        if (n % s != 0 || n < 0 || n / s >= out_size) continue;
+        if (all[p].count++ == 0) all[p].tap = i, all[p].out = n / s;
+      }
+    return all;
+  };
+  const std::vector<Reach> rows = reaches(H, OH), columns = reaches(W, OW);
+  at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> xrow(K), wrow(K);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / H;
+      const Reach& ry = rows[row % H];
+      // window row m: kernel row ry.tap + m * tap_step, output row ry.out - m * out_step
+      for (int64_t m = 0; m < ry.count; ++m) {
+        const int64_t oy = ry.out - m * out_step;
+        xrow[m] = oy * OW * C, wrow[m] = oy * OW * GKK + (ry.tap + m * tap_step) * K;
+      }
+      TapWindow win{xrow.data(), wrow.data(), -out_step * C, -out_step * GKK + tap_step, tap_step * K, tap_step,
+                    0, ry.count - 1, 0, -1};
+      const T* go = GO + b * OH * OW * C;
+      const T* sf = SF + b * OH * OW * GKK;
+      const T* cft = CFT ? CFT + (b * KK + ry.tap * K) * C : nullptr;
+      for (int64_t ix = 0; ix < W; ++ix) {
+        const Reach& rx = columns[ix];
+        win.j1 = rx.count - 1;
+        filter_pixel_channels<T, mode>(go + rx.out * C, sf + rx.out * GKK + rx.tap, win, cft ? cft + rx.tap * C : nullptr,
+                                       GX + (row * W + ix) * C, vpg, KK, g);
+      }
+    }
+  });
 }
 
 // dst[j * dst_pitch + i] = src[i * src_pitch + j] for i < rows, j < cols, in L x L tiles.
@@ -759,7 +816,7 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
       // tap (i, j)'s weight for output column ox sits at slot[i] + (i * K + j) * OW + ox in the ring,
       // with ox = ix - (j - r) * d
       for (int64_t i = 0; i < K; ++i) wrow[i] = slot[i] + i * K * OW + r * d;
-      TapWindow win{xrow.data(), wrow.data(), -d * C, OW - d, K, i0, i1, 0, -1};
+      TapWindow win{xrow.data(), wrow.data(), -d * C, OW - d, K, 1, i0, i1, 0, -1};
       const T* ring = rows.data();
       const T* cft = CFT ? CFT + b * KK * C : nullptr;
       const int64_t q0 = (b * OH + iy) * OW;  // output pixel at the row's start
@@ -1331,6 +1388,7 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
         at::opmath_type<scalar_t>* gcfp = has_cf ? gcft.mutable_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
         const bool fast = fast_channels<scalar_t>(g);
         if (fast && g.stride == 1) backward_input_nhwc_fast<scalar_t, M>(gop, cfp, sfp, gxp, g);
+        else if (fast && M != Combine::kSpatialOnly) backward_input_nhwc_gather<scalar_t, M>(gop, cfp, sfp, gxp, g);
         else if (fast) backward_input_nhwc_scatter<scalar_t, M>(gop, cfp, sfp, gxp, g);
         else backward_input_nhwc_generic<scalar_t, M>(gop, cfp, sfp, gxp, g);
         const int64_t cpg = g.channels_per_group();

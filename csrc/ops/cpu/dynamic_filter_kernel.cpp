@@ -593,11 +593,12 @@ void forward_nhwc_fast(const T* X, const T* CFT, const T* SF, T* out, const Filt
 // grad_x by scattering, for involution at strides over 1 (at stride 1 the gathering
 // backward_input_nhwc_fast is as fast or faster; DDF gathers at all strides, see
 // backward_input_nhwc_gather): each output pixel adds its grad_out times its own taps' weights to
-// the inputs the taps read, with the forward's walk and weights. Output rows go in bands of at least 8 rows and
-// 2 * reach input rows, one task per band, the even bands of all images first, then the odd ones:
-// two bands of one phase are a band apart, so their writes (up to reach rows beyond their own) never
-// meet. GX need not be zero: each band first zeroes the rows it is the first to write (an even band
-// all its rows and those of its writes beyond them; an odd band the rest of its own rows).
+// the inputs the taps read, with the forward's walk and weights. Output rows go in bands of at
+// least 8 rows and 2 * reach input rows, one task per band, the even bands of all images first,
+// then the odd ones: two bands of one phase are a band apart, so their writes (up to reach rows
+// beyond their own) never meet. GX need not be zero: each band first zeroes the rows it is the
+// first to write (an even band all its rows and those of its writes beyond them; an odd band the
+// rest of its own rows).
 template <typename T, Combine mode>
 void backward_input_nhwc_scatter(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
   const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, s = g.stride;
@@ -688,8 +689,8 @@ void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, c
 // dst[j * dst_pitch + i] = src[i * src_pitch + j] for i < rows, j < cols, in L x L tiles. dst_room:
 // how many values each row of dst may take from its start; a tile short of rows (ni < L) whose L
 // columns fit there is stored whole, zeros in its extra columns, instead of through partial stores
-// (on AVX2 copies of 4, 2 and 1 values: a quarter of involution's backward on 7x7 maps, whose rows
-// of 7 pixels make every tile short).
+// (on AVX2 copies of 4, 2 and 1 values). On 7x7 maps, whose rows of 7 pixels make every tile short,
+// the transposes fell from a quarter of involution's backward to an eighth.
 template <typename T>
 void transpose_matrix(const T* src, int64_t src_pitch, int64_t rows, int64_t cols, T* dst, int64_t dst_pitch,
                       int64_t dst_room = 0) {
@@ -811,7 +812,7 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
     columns[ix] = {lo, hi};
   }
   // the ring's rows are at least a vector long, so that on 7x7 maps, where every tile is short of
-  // rows, the transposes store whole vectors (involution's backward on 32x512x7x7 about 10% faster);
+  // rows, the transposes store whole vectors (involution's backward on 32x512x7x7 17-20% faster);
   // longer rows are not padded (to 16 or 32 pixels, grad_x's weights for a pixel then lie on more
   // cache lines, and 14x14 and 28x28 were no faster)
   const int64_t OWp = std::max<int64_t>(OW, Simd<T>::kLanes);
@@ -1340,11 +1341,13 @@ void transpose_images(const T* src, T* dst, int64_t images, int64_t rows, int64_
   });
 }
 
-// The channel filter (B, C, k, k) as (B, k*k, C), in the compute type.
-at::Tensor taps_by_channel(const at::Tensor& cf_in, at::ScalarType ct, const FilterGeometry& g) {
+// The channel filter (B, C, k, k) in the compute type, as the kernels read it: (B, k*k, C) for
+// channels_last inputs, else (B, C, k*k).
+at::Tensor channel_filter(const at::Tensor& cf_in, at::ScalarType ct, const FilterGeometry& g, bool nhwc) {
   const at::Tensor cf = cf_in.to(ct).reshape({g.batch, g.channels, g.taps()}).contiguous();
+  if (!nhwc) return cf;
   at::Tensor out = at::empty({g.batch, g.taps(), g.channels}, cf.options());
-  AT_DISPATCH_FLOATING_TYPES(ct, "taps_by_channel", [&] {
+  AT_DISPATCH_FLOATING_TYPES(ct, "channel_filter", [&] {
     transpose_images(cf.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g.batch, g.channels, g.taps());
   });
   return out;
@@ -1363,9 +1366,7 @@ at::Tensor dynamic_filter_forward_cpu(const at::Tensor& x_in, const c10::optiona
   at::Tensor x = x_in.to(ct).contiguous(fmt);
   at::Tensor sf = sf_in.to(ct).contiguous(fmt);
   at::Tensor cf;
-  if (mode != Combine::kSpatialOnly) {
-    cf = nhwc ? taps_by_channel(*cf_in, ct, g) : cf_in->to(ct).reshape({g.batch, g.channels, g.taps()}).contiguous();
-  }
+  if (mode != Combine::kSpatialOnly) cf = channel_filter(*cf_in, ct, g, nhwc);
   at::Tensor out = at::empty({g.batch, g.channels, g.out_height, g.out_width}, x.options().memory_format(fmt));
   AT_DISPATCH_FLOATING_TYPES(ct, "dynamic_filter_forward_cpu", [&] {
     const scalar_t* cfp = cf.defined() ? cf.const_data_ptr<scalar_t>() : nullptr;
@@ -1400,9 +1401,7 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
   at::Tensor sf = sf_in.to(ct).contiguous(fmt);
   const bool has_cf = mode != Combine::kSpatialOnly;
   at::Tensor cf;
-  if (has_cf) {
-    cf = nhwc ? taps_by_channel(*cf_in, ct, g) : cf_in->to(ct).reshape({g.batch, g.channels, g.taps()}).contiguous();
-  }
+  if (has_cf) cf = channel_filter(*cf_in, ct, g, nhwc);
   at::Tensor gx = at::empty_like(x);
   at::Tensor gsf = at::empty_like(sf);
   at::Tensor gcf;

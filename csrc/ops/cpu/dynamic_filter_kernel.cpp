@@ -7,7 +7,7 @@
 // The output takes x's layout. half and bfloat16 inputs are computed in float32.
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -266,6 +266,36 @@ struct Simd {
     std::memcpy(lanes, &v, sizeof(V));
     copy_prefix<kLanes / 2>(p, lanes, n);
 #endif
+  }
+  // a non-temporal store to p, aligned to a vector: the line is written without first being read
+  // (a plain store to a line not in cache reads it from memory first); where the target has no such
+  // store, a plain one
+  static void stream(T* p, const V& v) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) _mm512_stream_ps(p, reinterpret_cast<__m512>(v));
+    else _mm512_stream_pd(p, reinterpret_cast<__m512d>(v));
+#elif defined(__AVX__)
+    if constexpr (sizeof(T) == 4) _mm256_stream_ps(p, reinterpret_cast<__m256>(v));
+    else _mm256_stream_pd(p, reinterpret_cast<__m256d>(v));
+#else
+    store(p, v);
+#endif
+  }
+  // orders a task's non-temporal stores before whatever follows it (they are weakly ordered)
+  static void stream_fence() {
+#if defined(__AVX512F__) || defined(__AVX__)
+    _mm_sfence();
+#endif
+  }
+  // dst[0, n) = src[0, n): the vectors of dst aligned to one by non-temporal stores, the values
+  // before and after them by plain ones
+  static void stream_copy(T* dst, const T* src, int64_t n) {
+    const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(dst) / sizeof(T)) % kLanes;
+    const int64_t head = std::min(n, (kLanes - misaligned) % kLanes);
+    int64_t k = 0;
+    for (; k < head; ++k) dst[k] = src[k];
+    for (; k + kLanes <= n; k += kLanes) stream(dst + k, load(src + k));
+    for (; k < n; ++k) dst[k] = src[k];
   }
   // dst[0, n) = src[0, n) for n < 2 * chunk, in pieces of chunk, chunk / 2, ..., 1 values of
   // constant size (a memcpy of n values would be a call)
@@ -852,7 +882,9 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
 //     GSF[x, g, t] = sum_c GO^T[c, x] * X^T[y + dy, c, x + dx]
 // from the rows of grad_out and of the input transposed to (C, pixels) (the input's padded with
 // `reach` zeros on either side), so every term is one vector multiply-add, with the group's NCH
-// rows of grad_out held in registers. The KK result vectors are transposed back to (pixel, tap).
+// rows of grad_out held in registers. The KK result vectors are transposed back to (pixel, tap), into
+// a buffer written to GSF by non-temporal stores (as in backward_spatial_nhwc_taps below: the
+// backward on 32x64x56x56 7-15% faster, on the DDF paper's shape no different).
 template <typename T, int NCH>
 void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterGeometry& g) {
   using S = Simd<T>;
@@ -874,6 +906,7 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
     // multiply-adds they feed (3 idivs per 64 FMAs)
     std::vector<const T*> tap_base(KK + 3);
     std::vector<V> sums(GKK);  // per tap of every group, L pixels
+    std::vector<T> block_out(L * GKK);  // the L pixels' results, to be streamed to GSF
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
       input_ahead.before(row, end), grad_ahead.before(row, end);
@@ -900,10 +933,12 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
             for (int u = 0; u < 4 && t0 + u < KK; ++u) sums[grp * KK + t0 + u] = acc[u];
           }
         }
-        transpose_matrix(reinterpret_cast<const T*>(sums.data()), L, GKK, std::min(L, OW - x0),
-                         GSF + (row * OW + x0) * GKK, GKK);
+        const int64_t n = std::min(L, OW - x0);
+        transpose_matrix(reinterpret_cast<const T*>(sums.data()), L, GKK, n, block_out.data(), GKK);
+        S::stream_copy(GSF + (row * OW + x0) * GKK, block_out.data(), n * GKK);
       }
     }
+    S::stream_fence();
   });
 }
 
@@ -917,6 +952,10 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
 // row's last vector spills its spare lanes into the next row's first values, which the next store
 // overwrites, and the pixel's very last row stores only its K lanes. Blocks of kPixelBlock pixels,
 // and within them one group at a time, keep the input values in L1.
+// The block's results are gathered in a buffer and written to GSF by non-temporal stores: GSF has
+// G*K*K values per pixel (392 for RedNet's 8 groups, against 128 channels of grad_out), and plain
+// stores read each of its lines from memory before writing it. On 32x128x28x28 the backward was
+// 0-8% faster (varying from run to run); on 14x14 and 7x7 no different (RESULTS.md, session 12).
 constexpr int64_t kPixelBlock = 8;
 
 template <typename T, int KS>
@@ -933,6 +972,7 @@ void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeo
     TransposedRows<T> input_rows(X, W, C, Wp, R, KS);
     RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), OH, H, 1, R);
     const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
+    std::vector<T> block_out(kPixelBlock * GKK);
     const int64_t blocks = (OW + kPixelBlock - 1) / kPixelBlock;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
@@ -947,7 +987,7 @@ void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeo
         const int64_t x1 = std::min(OW, x0 + kPixelBlock);
         for (int64_t grp = 0; grp < G; ++grp) {
           const T* gop = GO + (row * OW + x0) * C + grp * cpg;
-          T* out = GSF + (row * OW + x0) * GKK + grp * KK;
+          T* out = block_out.data() + grp * KK;
           const int64_t c0 = grp * cpg * Wp;
           const bool last_group = grp == G - 1;
           for (int64_t x = x0; x < x1; ++x, gop += C, out += GKK) {
@@ -970,8 +1010,10 @@ void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeo
               }
           }
         }
+        S::stream_copy(GSF + (row * OW + x0) * GKK, block_out.data(), (x1 - x0) * GKK);
       }
     }
+    S::stream_fence();
   });
 }
 

@@ -268,8 +268,8 @@ struct Simd {
 #endif
   }
   // a non-temporal store to p, aligned to a vector: the line is written without first being read
-  // (a plain store to a line not in cache reads it from memory first); where the target has no such
-  // store, a plain one
+  // (a plain store to a line not in cache reads it from memory first); in builds without AVX (SSE,
+  // NEON), a plain store
   static void stream(T* p, const V& v) {
 #if defined(__AVX512F__)
     if constexpr (sizeof(T) == 4) _mm512_stream_ps(p, reinterpret_cast<__m512>(v));

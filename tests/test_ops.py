@@ -300,6 +300,30 @@ def test_tap_lane_filter_gradient_for_any_group_size(built):
                 assert _max_diff(g, w) < tol * max(1.0, w.abs().max().item())
 
 
+def test_grad_x_in_bands_of_kernel_rows(built):
+    # At stride 1, grad_x sweeps each input row once per band of kernel rows, with as many rows per
+    # band as keep what a pixel reads (k weights per group and k pixels of grad_out per kernel row)
+    # within a 24 KB budget; the first band stores, the others add. Under that budget, 128 channels
+    # in 8 groups make bands of 3, 3, 1 kernel rows at k = 7 in float32 and 2, 2, 2, 1 in float64,
+    # 4, 1 and 3, 2 at k = 5; 512 channels in 32 groups make 2, 1 and 1, 1, 1 at k = 3. Heights of
+    # 1 and 4 leave some bands with no kernel row inside the image (the first then stores zeros).
+    cases = ((128, 8, 7, 1), (128, 8, 7, 2), (128, 8, 5, 1), (512, 32, 3, 1))
+    for channels, groups, k, dilation in cases:
+        for height, width in ((9, 7), (1, 5), (4, 12)):
+            for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+                x, kernel = _involution_inputs(1, channels, height, width, k, 1, groups, dtype=dtype,
+                                               channels_last=True, seed=height + k)
+                inputs = [x.requires_grad_(), kernel.requires_grad_()]
+                wide = [t.detach().double().requires_grad_() for t in inputs]
+                out = ops.involution(*inputs, k, dilation)
+                ref = involution_reference(*wide, k, dilation)
+                grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+                got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+                want = torch.autograd.grad(ref, wide, grad_out)
+                for g, w in zip(got, want):
+                    assert _max_diff(g, w) < tol * max(1.0, w.abs().max().item()), (channels, k, dilation, height, dtype)
+
+
 def test_float32_large_channels_and_odd_sizes(built):
     # Channel counts beyond one 64-channel block of the NHWC kernel, not a multiple of it.
     for channels_last in (False, True):

@@ -464,8 +464,8 @@ inline void for_each_tap(const TapWindow& win, F&& at) {
 // of `win`, accumulated in registers. wg: offset of the first vector's group among the weights;
 // kVpg: 0 when the NV vectors share that group, else vector v's group is v / kVpg groups further
 // on, group_stride apart among the weights. cft: the image's (KK, C) channel weights at c0 (unused
-// for involution).
-template <typename T, Combine mode, int NV, int kVpg>
+// for involution). kAccumulate: dst[v] += the sum instead.
+template <typename T, Combine mode, int NV, int kVpg, bool kAccumulate = false>
 inline void filter_pixel(const T* base, const T* wbase, const TapWindow& win, int64_t c0, int64_t wg, const T* cft,
                          int64_t C, int64_t group_stride, T* dst) {
   using S = Simd<T>;
@@ -498,6 +498,7 @@ inline void filter_pixel(const T* base, const T* wbase, const TapWindow& win, in
   for (int v = 0; v < NV; ++v) {
     V sum = acc[v];
     for (int u = 1; u < kSplit; ++u) sum += acc[u * NV + v];
+    if constexpr (kAccumulate) sum += S::load(dst + v * L);
     S::store(dst + v * L, sum);
   }
 }
@@ -532,9 +533,9 @@ inline void scatter_pixel(const T* go, T* gx, const T* wbase, const TapWindow& w
 }
 
 // All channel vectors of one pixel, in blocks of kBlockVectors vectors, then 4, then single ones:
-// filter_pixel, or with kScatter scatter_pixel (base: the output pixel's grad_out; dst: grad_x at
-// its input position).
-template <typename T, Combine mode, bool kScatter = false>
+// filter_pixel (adding to dst with kAccumulate), or with kScatter scatter_pixel (base: the output
+// pixel's grad_out; dst: grad_x at its input position).
+template <typename T, Combine mode, bool kScatter = false, bool kAccumulate = false>
 inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow& win, const T* cft, T* dst, int vpg,
                                   int64_t group_stride, const FilterGeometry& g) {
   constexpr int64_t L = Simd<T>::kLanes;
@@ -546,7 +547,7 @@ inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow
       if constexpr (kScatter)
         scatter_pixel<T, mode, NV, kVpg>(base, dst, wbase, win, c0, c0 / cpg * group_stride, cft, C, group_stride);
       else
-        filter_pixel<T, mode, NV, kVpg>(base, wbase, win, c0, c0 / cpg * group_stride, cft ? cft + c0 : nullptr, C,
+        filter_pixel<T, mode, NV, kVpg, kAccumulate>(base, wbase, win, c0, c0 / cpg * group_stride, cft ? cft + c0 : nullptr, C,
                                         group_stride, dst + c0);
     }
   };
@@ -822,6 +823,21 @@ class RowsAhead {
 // value). The weights come from SF's rows transposed to (G*KK, OW), one slot per kernel row: a tap's
 // weights for consecutive pixels are then consecutive (in SF they lie G*KK apart, and each input
 // pixel's taps would touch as many cache lines), and group g's lie KK * OW apart.
+// An input row is swept once per band of kernel rows, the first sweep storing and the others adding
+// to grad_x, with as many kernel rows per band as keep what one pixel reads in L1 (kL1Budget): per
+// kernel row, K weights of each group, each on its own cache line, and K pixels of grad_out. For
+// RedNet's 7x7 involution on 28x28 maps (128 channels, 8 groups) one sweep read 7 KB per kernel
+// row, 49 KB in all, and the lines a pixel shares with its neighbour were gone from L1 by the time
+// the neighbour came; in three sweeps of 3, 3 and 1 kernel rows the backward ran 10-19% faster (the
+// DDF paper's shape 19%, 14x14 5-9%, 7x7 4%, 56x56 1-2%; RESULTS.md, session 12). DDF's k = 3
+// needs one sweep.
+constexpr int64_t kL1Budget = 24 * 1024;
+
+inline int64_t grad_x_rows_per_sweep(const FilterGeometry& g, int64_t value_bytes) {
+  const int64_t per_row = g.kernel_size * (g.groups * 64 + g.channels * value_bytes);
+  return std::clamp<int64_t>(kL1Budget / per_row, 1, g.kernel_size);
+}
+
 template <typename T, Combine mode>
 void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
   const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
@@ -846,6 +862,7 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
   // longer rows are not padded (to 16 or 32 pixels, grad_x's weights for a pixel then lie on more
   // cache lines, and 14x14 and 28x28 were no faster)
   const int64_t OWp = std::max<int64_t>(OW, Simd<T>::kLanes);
+  const int64_t band_rows = grad_x_rows_per_sweep(g, sizeof(T)), bands = (K + band_rows - 1) / band_rows;
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
     TransposedRows<T> rows(SF, OW, GKK, OWp, 0, 2 * taps.reach + 1);
     // input row iy reads SF rows up to iy + reach
@@ -867,11 +884,18 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
       const T* ring = rows.data();
       const T* cft = CFT ? CFT + b * KK * C : nullptr;
       const int64_t q0 = (b * OH + iy) * OW;  // output pixel at the row's start
-      for (int64_t ix = 0; ix < W; ++ix) {
-        ahead.pixel(ix, W);
-        win.j0 = columns[ix].first, win.j1 = columns[ix].second;
-        filter_pixel_channels<T, mode>(GO + (q0 + ix) * C, ring + ix, win, cft, GX + (row * W + ix) * C, vpg,
-                                       KK * OWp, g);
+      for (int64_t band = 0; band < bands; ++band) {
+        TapWindow bw = win;
+        bw.i0 = std::max(i0, band * band_rows), bw.i1 = std::min(i1, (band + 1) * band_rows - 1);
+        if (band > 0 && bw.i0 > bw.i1) continue;  // the first band stores (zeros if it has no taps)
+        for (int64_t ix = 0; ix < W; ++ix) {
+          ahead.pixel(band * W + ix, bands * W);
+          bw.j0 = columns[ix].first, bw.j1 = columns[ix].second;
+          const T* go = GO + (q0 + ix) * C;
+          T* gx = GX + (row * W + ix) * C;
+          if (band == 0) filter_pixel_channels<T, mode>(go, ring + ix, bw, cft, gx, vpg, KK * OWp, g);
+          else filter_pixel_channels<T, mode, false, true>(go, ring + ix, bw, cft, gx, vpg, KK * OWp, g);
+        }
       }
     }
   });

@@ -547,8 +547,8 @@ inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow
       if constexpr (kScatter)
         scatter_pixel<T, mode, NV, kVpg>(base, dst, wbase, win, c0, c0 / cpg * group_stride, cft, C, group_stride);
       else
-        filter_pixel<T, mode, NV, kVpg, kAccumulate>(base, wbase, win, c0, c0 / cpg * group_stride, cft ? cft + c0 : nullptr, C,
-                                        group_stride, dst + c0);
+        filter_pixel<T, mode, NV, kVpg, kAccumulate>(base, wbase, win, c0, c0 / cpg * group_stride,
+                                                     cft ? cft + c0 : nullptr, C, group_stride, dst + c0);
     }
   };
   using I = std::integral_constant<int, 1>;
@@ -828,9 +828,9 @@ class RowsAhead {
 // kernel row, K weights of each group, each on its own cache line, and K pixels of grad_out. For
 // RedNet's 7x7 involution on 28x28 maps (128 channels, 8 groups) one sweep read 7 KB per kernel
 // row, 49 KB in all, and the lines a pixel shares with its neighbour were gone from L1 by the time
-// the neighbour came; in three sweeps of 3, 3 and 1 kernel rows the backward ran 10-19% faster (the
-// DDF paper's shape 19%, 14x14 5-9%, 7x7 4%, 56x56 1-2%; RESULTS.md, session 12). DDF's k = 3
-// needs one sweep.
+// the neighbour came; in three sweeps of 3, 3 and 1 kernel rows the backward ran 14-15% faster.
+// With one kernel row per band, 14x14 ran 15-16% faster, 7x7 9-10% and the DDF paper's shape
+// 16-19%; 56x56 (bands of 6 and 1) 1% (RESULTS.md, session 12). DDF's k = 3 needs one sweep.
 constexpr int64_t kL1Budget = 24 * 1024;
 
 inline int64_t grad_x_rows_per_sweep(const FilterGeometry& g, int64_t value_bytes) {

@@ -22,6 +22,7 @@ def _toolchain() -> dict:
     return {
         "ninja": cpp_extension.is_ninja_available(),
         "cuda_home": cpp_extension.CUDA_HOME,
+        "cuda_home_problem": native.cuda_home_problem() if cpp_extension.CUDA_HOME else None,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
@@ -60,7 +61,8 @@ def info_command(fmt):
         ("build cache", report["cache_dir"]),
         ("sources", report["sources"]),
         ("torch", f"{report['torch']} (CUDA {report['torch_cuda'] or 'none'})"),
-        ("CUDA toolkit", report["cuda_home"] or "not found"),
+        ("CUDA toolkit", (f"{report['cuda_home']}, unusable: {report['cuda_home_problem']}"
+                          if report["cuda_home_problem"] else report["cuda_home"] or "not found")),
         ("ninja", "yes" if report["ninja"] else "no (pip install ninja)"),
     ]
     width = max(len(name) for name, _ in rows)

@@ -629,6 +629,32 @@ def test_cli_ops_info_and_build(built):
     assert str(built) in result.output
 
 
+def test_ops_info_says_when_the_cuda_toolkit_torch_found_cannot_build(built, tmp_path, monkeypatch):
+    # nvcc linked into /usr/local/bin makes torch guess CUDA_HOME=/usr/local, which has no headers
+    cpp_extension = native._cpp_extension()
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    runner = CliRunner()
+    result = runner.invoke(app, ["ops", "info"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("CUDA toolkit"))
+    assert f"{tmp_path}, unusable: CUDA_HOME={tmp_path} has no include/cuda_runtime.h" in row
+    with pytest.raises(native.OpsBuildError, match="has no include/cuda_runtime.h"):
+        native._check_toolchain(with_cuda=True)
+    # with the header there, the same folder is reported as it is
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    result = runner.invoke(app, ["ops", "info", "--format", "json"])
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["cuda_home"] == str(tmp_path) and report["cuda_home_problem"] is None
+    result = runner.invoke(app, ["ops", "info"])
+    row = next(line for line in result.output.splitlines() if line.startswith("CUDA toolkit"))
+    assert row.split(None, 2)[2] == str(tmp_path)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    result = runner.invoke(app, ["ops", "info"])
+    row = next(line for line in result.output.splitlines() if line.startswith("CUDA toolkit"))
+    assert row.split(None, 2)[2] == "not found"
+
+
 def test_cli_ops_build_failure_shows_the_full_log():
     # a subprocess, to see exactly what a user sees: the log in full, one error line, exit 1
     result = subprocess.run([sys.executable, "-c", "import sys; from robustbench_dyn.ops import native\n"

@@ -161,18 +161,27 @@ def _cpp_extension():
     return cpp_extension
 
 
+def cuda_home_problem() -> str | None:
+    """Why the CUDA toolkit that torch found cannot build the kernels, or None when it can."""
+    cuda_home = _cpp_extension().CUDA_HOME
+    if cuda_home is None:
+        return "no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH) to build the CUDA kernels"
+    if not (Path(cuda_home) / "include" / "cuda_runtime.h").exists():
+        # e.g. nvcc linked into /usr/local/bin makes torch guess CUDA_HOME=/usr/local
+        return (f"CUDA_HOME={cuda_home} has no include/cuda_runtime.h: set CUDA_HOME "
+                "to the CUDA toolkit's folder (e.g. /usr/local/cuda)")
+    return None
+
+
 def _check_toolchain(with_cuda: bool):
     cpp_extension = _cpp_extension()
 
     if not cpp_extension.is_ninja_available():
         raise OpsBuildError("ninja is not installed (pip install ninja); it builds the native ops")
     if with_cuda:
-        if cpp_extension.CUDA_HOME is None:
-            raise OpsBuildError("no CUDA toolkit found (set CUDA_HOME, or put nvcc on PATH) to build the CUDA kernels")
-        if not (Path(cpp_extension.CUDA_HOME) / "include" / "cuda_runtime.h").exists():
-            # e.g. nvcc linked into /usr/local/bin makes torch guess CUDA_HOME=/usr/local
-            raise OpsBuildError(f"CUDA_HOME={cpp_extension.CUDA_HOME} has no include/cuda_runtime.h: set CUDA_HOME "
-                                "to the CUDA toolkit's folder (e.g. /usr/local/cuda)")
+        problem = cuda_home_problem()
+        if problem:
+            raise OpsBuildError(problem)
         if torch.version.cuda is None:
             raise OpsBuildError(f"this torch ({torch.__version__}) is a CPU-only build; it cannot build CUDA kernels")
 

@@ -253,12 +253,13 @@ def test_ddf_filter_gradients_in_float32_on_the_fast_path(built, k, stride, dila
 
 
 @pytest.mark.parametrize("k,stride,dilation,height", [(1, 2, 1, 70), (3, 2, 1, 67), (7, 2, 2, 75), (3, 3, 1, 80)])
-def test_strided_grad_x_by_bands_of_rows(built, k, stride, dilation, height, monkeypatch):
-    # At strides over 1 each output pixel scatters its gradient into grad_x, in bands of 8 output
-    # rows or more taken even bands first, then odd ones; each band zeroes the rows it writes
-    # first. 67 to 80 rows make 4 or 5 bands (a last one even or odd, short or whole); k = 1 at
-    # stride 2 leaves rows and columns no tap reads, whose gradient is 0. With deterministic
-    # algorithms on, torch fills fresh tensors with NaN, so a row nobody zeroed shows.
+def test_strided_grad_x_gathered(built, k, stride, dilation, height, monkeypatch):
+    # At strides over 1 each input pixel gathers grad_out over the taps that reach it (every
+    # s / gcd(s, d)-th kernel row and column), involution's weights from a ring of transposed rows of
+    # the kernel, one slot per output row a pixel can reach: 67 to 80 rows cycle the ring
+    # many times, and dilation 2 at stride 2 reaches every kernel row. k = 1 at stride 2 leaves rows
+    # and columns no tap reads, whose gradient must be stored as 0. With deterministic algorithms
+    # on, torch fills fresh tensors with NaN, so a value nobody stored shows.
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)

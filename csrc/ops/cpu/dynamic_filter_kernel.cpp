@@ -16,6 +16,7 @@
 #include <cstring>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -197,9 +198,9 @@ class ChannelGradPartial {
 //   registers over the taps inside the image (TapWindow: a window of kernel rows and columns,
 //   walked by pointer steps; all k*k taps for inner pixels) and are stored once. Offsets are
 //   computed once per call or row (a division per tap and pixel costs more than the tap).
-//   grad_x (stride 1) reads the weights from rows of SF transposed to (G*KK, OW). At larger strides
-//   grad_x is scattered: each output pixel adds grad_out times its weights to its taps' inputs, in
-//   the forward's loop (backward_input_nhwc_scatter).
+//   grad_x gathers per input pixel over the taps that reach it: all k*k at stride 1, every
+//   (s / gcd(s, d))-th kernel row and column at larger strides. Involution reads the weights from
+//   rows of SF transposed to (G*KK, OW); DDF's k*k per pixel are read in place.
 //   grad_spatial_filter of a 7x7 involution (stride 1, dilation 1) on rows of up to 32 pixels, with
 //   vectors of 8 lanes or fewer, any channels per group: lanes over a kernel row's taps, from
 //   transposed rows of the input (backward_spatial_nhwc_taps).
@@ -503,39 +504,9 @@ inline void filter_pixel(const T* base, const T* wbase, const TapWindow& win, in
   }
 }
 
-// The transpose of filter_pixel, for grad_x: one output pixel's grad_out (NV vectors of channels
-// from c0) times each tap's weights is added to grad_x at the tap's input, gx[tap][v] += go[v] *
-// W_t[v]; gx: grad_x at the pixel's own input position (tap offsets as in filter_pixel), the other
-// arguments as there (cft: the image's channel weights, not offset by c0).
-template <typename T, Combine mode, int NV, int kVpg>
-inline void scatter_pixel(const T* go, T* gx, const T* wbase, const TapWindow& win, int64_t c0, int64_t wg,
-                          const T* cft, int64_t C, int64_t group_stride) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  constexpr int L = S::kLanes;
-  V g[NV];
-  for (int v = 0; v < NV; ++v) g[v] = S::load(go + c0 + v * L);
-  for_each_tap<1>(win, [&](int64_t xo, int64_t wo, int64_t t, int) {
-    const T* ws = wbase + wo + wg;
-    T* q = gx + xo + c0;
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      T w;
-      if constexpr (kVpg == 0) w = ws[0];
-      else w = ws[v / kVpg * group_stride];
-      V add;
-      if constexpr (mode == Combine::kMul) add = g[v] * (S::load(cft + t * C + c0 + v * L) * w);
-      else if constexpr (mode == Combine::kAdd) add = g[v] * (S::load(cft + t * C + c0 + v * L) + w);
-      else add = g[v] * w;
-      S::store(q + v * L, S::load(q + v * L) + add);
-    }
-  });
-}
-
-// All channel vectors of one pixel, in blocks of kBlockVectors vectors, then 4, then single ones:
-// filter_pixel (adding to dst with kAccumulate), or with kScatter scatter_pixel (base: the output
-// pixel's grad_out; dst: grad_x at its input position).
-template <typename T, Combine mode, bool kScatter = false, bool kAccumulate = false>
+// All channel vectors of one pixel, in blocks of kBlockVectors vectors, then 4, then single ones,
+// through filter_pixel (adding to dst with kAccumulate).
+template <typename T, Combine mode, bool kAccumulate = false>
 inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow& win, const T* cft, T* dst, int vpg,
                                   int64_t group_stride, const FilterGeometry& g) {
   constexpr int64_t L = Simd<T>::kLanes;
@@ -543,13 +514,9 @@ inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow
   int64_t c0 = 0;
   auto blocks = [&](auto nv, auto kvpg) {
     constexpr int NV = decltype(nv)::value, kVpg = decltype(kvpg)::value;
-    for (; c0 + NV * L <= C; c0 += NV * L) {
-      if constexpr (kScatter)
-        scatter_pixel<T, mode, NV, kVpg>(base, dst, wbase, win, c0, c0 / cpg * group_stride, cft, C, group_stride);
-      else
-        filter_pixel<T, mode, NV, kVpg, kAccumulate>(base, wbase, win, c0, c0 / cpg * group_stride,
-                                                     cft ? cft + c0 : nullptr, C, group_stride, dst + c0);
-    }
+    for (; c0 + NV * L <= C; c0 += NV * L)
+      filter_pixel<T, mode, NV, kVpg, kAccumulate>(base, wbase, win, c0, c0 / cpg * group_stride,
+                                                   cft ? cft + c0 : nullptr, C, group_stride, dst + c0);
   };
   using I = std::integral_constant<int, 1>;
   // blocks start at multiples of kBlockVectors vectors, so where vpg divides kBlockVectors they
@@ -617,102 +584,6 @@ void forward_nhwc_fast(const T* X, const T* CFT, const T* SF, T* out, const Filt
         filter_pixel_channels<T, mode>(X + ((b * H + iy) * W + x * s) * C, wbase, win, cft,
                                        out + (row * g.out_width + x) * C, vpg, KK, g);
       });
-    }
-  });
-}
-
-// grad_x by scattering, for involution at strides over 1 (at stride 1 the gathering
-// backward_input_nhwc_fast is as fast or faster; DDF gathers at all strides, see
-// backward_input_nhwc_gather): each output pixel adds its grad_out times its own taps' weights to
-// the inputs the taps read, with the forward's walk and weights. Output rows go in bands of at
-// least 8 rows and 2 * reach input rows, one task per band, the even bands of all images first,
-// then the odd ones: two bands of one phase are a band apart, so their writes (up to reach rows
-// beyond their own) never meet. GX need not be zero: each band first zeroes the rows it is the
-// first to write (an even band all its rows and those of its writes beyond them; an odd band the
-// rest of its own rows).
-template <typename T, Combine mode>
-void backward_input_nhwc_scatter(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
-  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, s = g.stride;
-  const int64_t KK = g.taps(), reach = g.radius() * g.dilation;
-  const int vpg = vectors_per_group(g, Simd<T>::kLanes);
-  const OutputRowWalk<T> walk(SF, g);
-  const int64_t band = std::max<int64_t>(8, (2 * reach + s - 1) / s), bands = (OH + band - 1) / band;
-  // band n's input rows [own_lo, own_hi) and the rows its taps write, [write_lo, write_hi)
-  auto own_lo = [&](int64_t n) { return n * band * s; };
-  auto own_hi = [&](int64_t n) { return n + 1 == bands ? H : (n + 1) * band * s; };
-  auto write_lo = [&](int64_t n) { return std::max<int64_t>(0, n * band * s - reach); };
-  auto write_hi = [&](int64_t n) { return std::min(H, (std::min(OH, (n + 1) * band) - 1) * s + reach + 1); };
-  for (int64_t phase = 0; phase < 2; ++phase) {
-    const int64_t per_image = (bands - phase + 1) / 2;  // bands phase, phase + 2, ...
-    at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / per_image, n = phase + 2 * (task % per_image);
-        const int64_t zero_lo = phase == 0 ? write_lo(n) : std::max(own_lo(n), write_hi(n - 1));
-        const int64_t zero_hi = phase == 0 ? std::max(write_hi(n), own_hi(n))
-                                           : std::min(own_hi(n), n + 1 < bands ? write_lo(n + 1) : H);
-        if (zero_hi > zero_lo) std::fill(GX + (b * H + zero_lo) * W * C, GX + (b * H + zero_hi) * W * C, T(0));
-        const T* cft = CFT ? CFT + b * KK * C : nullptr;
-        for (int64_t row = b * OH + n * band; row < b * OH + std::min(OH, (n + 1) * band); ++row) {
-          const int64_t iy = row % OH * s;
-          walk.row(row, [&](int64_t x, const TapWindow& win, const T* wbase) {
-            filter_pixel_channels<T, mode, true>(GO + (row * OW + x) * C, wbase, win, cft,
-                                                 GX + ((b * H + iy) * W + x * s) * C, vpg, KK, g);
-          });
-        }
-      }
-    });
-  }
-}
-
-// grad_x by gathering, for strides over 1: input pixel (iy, ix) sums grad_out times the weight over
-// the taps (i, j) that reach it, from output pixel ((iy - (i - r) d) / s, (ix - (j - r) d) / s) where
-// both divide exactly and lie inside, accumulated in registers (filter_pixel_channels) and stored
-// once: no zeroing pass and no read-modify-write of grad_x per tap, as the scatter needs. The taps
-// reaching a row are every e-th kernel row, e = s / gcd(s, d) (their output rows d / gcd(s, d)
-// apart), from the first whose output row lies inside; the same for columns. At stride 2 and k = 3
-// a pixel has 1, 2 or 4 taps. The weights come from the output pixels' own (G*k*k) blocks, so DDF
-// (k*k per pixel) reads few lines, where involution (49 per group) would read one per tap.
-template <typename T, Combine mode>
-void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
-  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
-  const int64_t KK = g.taps(), GKK = g.groups * KK, s = g.stride, d = g.dilation, r = g.radius();
-  const int64_t common = std::gcd(s, d), tap_step = s / common, out_step = d / common;
-  const int vpg = vectors_per_group(g, Simd<T>::kLanes);
-  struct Reach {  // an input row's (or column's) first reaching kernel row, its output row, and how many
-    int64_t tap = 0, out = 0, count = 0;
-  };
-  auto reaches = [&](int64_t size, int64_t out_size) {
-    std::vector<Reach> all(size);
-    for (int64_t p = 0; p < size; ++p)
-      for (int64_t i = 0; i < K; ++i) {
-        const int64_t n = p - (i - r) * d;  // s * (output coordinate)
-        if (n % s != 0 || n < 0 || n / s >= out_size) continue;
-        if (all[p].count++ == 0) all[p].tap = i, all[p].out = n / s;
-      }
-    return all;
-  };
-  const std::vector<Reach> rows = reaches(H, OH), columns = reaches(W, OW);
-  at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> xrow(K), wrow(K);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / H;
-      const Reach& ry = rows[row % H];
-      // window row m: kernel row ry.tap + m * tap_step, output row ry.out - m * out_step
-      for (int64_t m = 0; m < ry.count; ++m) {
-        const int64_t oy = ry.out - m * out_step;
-        xrow[m] = oy * OW * C, wrow[m] = oy * OW * GKK + (ry.tap + m * tap_step) * K;
-      }
-      TapWindow win{xrow.data(), wrow.data(), -out_step * C, -out_step * GKK + tap_step, tap_step * K, tap_step,
-                    0, ry.count - 1, 0, -1};
-      const T* go = GO + b * OH * OW * C;
-      const T* sf = SF + b * OH * OW * GKK;
-      const T* cft = CFT ? CFT + (b * KK + ry.tap * K) * C : nullptr;
-      for (int64_t ix = 0; ix < W; ++ix) {
-        const Reach& rx = columns[ix];
-        win.j1 = rx.count - 1;
-        filter_pixel_channels<T, mode>(go + rx.out * C, sf + rx.out * GKK + rx.tap, win, cft ? cft + rx.tap * C : nullptr,
-                                       GX + (row * W + ix) * C, vpg, KK, g);
-      }
     }
   });
 }
@@ -818,6 +689,76 @@ class RowsAhead {
   int64_t lines_ = 0;
 };
 
+// grad_x by gathering, for strides over 1: input pixel (iy, ix) sums grad_out times the weight over
+// the taps (i, j) that reach it, from output pixel ((iy - (i - r) d) / s, (ix - (j - r) d) / s) where
+// both divide exactly and lie inside, accumulated in registers (filter_pixel_channels) and stored
+// once: no zeroing pass and no read-modify-write of grad_x per tap, as scattering each output
+// pixel's grad_out into its taps' inputs needs. The taps reaching a row are every e-th kernel row,
+// e = s / gcd(s, d) (their output rows d / gcd(s, d) apart), from the first whose output row lies
+// inside; the same for columns. At stride 2 a pixel has 1, 2 or 4 taps for k = 3, 9 to 16 for k = 7.
+// DDF reads the weights from the output pixels' own blocks in SF (k*k per pixel: few lines).
+// Involution (kRing) reads them from SF's rows transposed to (G*KK, OW) in a ring, as the stride-1
+// gather does: in SF a pixel's taps would each read a line of another output pixel's 49-per-group
+// block. Against the scatter this replaced, involution's backward was 12-13% faster on 32x256x28x28/2,
+// 5% on 32x512x14x14/2 and 0-3% on 32x128x56x56/2; reading SF in place was 1-20% slower than the
+// scatter (RESULTS.md, session 13).
+template <typename T, Combine mode, bool kRing = false>
+void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
+  const int64_t KK = g.taps(), GKK = g.groups * KK, s = g.stride, d = g.dilation, r = g.radius();
+  const int64_t common = std::gcd(s, d), tap_step = s / common, out_step = d / common;
+  const int vpg = vectors_per_group(g, Simd<T>::kLanes);
+  struct Reach {  // an input row's (or column's) first reaching kernel row, its output row, and how many
+    int64_t tap = 0, out = 0, count = 0;
+  };
+  auto reaches = [&](int64_t size, int64_t out_size) {
+    std::vector<Reach> all(size);
+    for (int64_t p = 0; p < size; ++p)
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t n = p - (i - r) * d;  // s * (output coordinate)
+        if (n % s != 0 || n < 0 || n / s >= out_size) continue;
+        if (all[p].count++ == 0) all[p].tap = i, all[p].out = n / s;
+      }
+    return all;
+  };
+  const std::vector<Reach> rows = reaches(H, OH), columns = reaches(W, OW);
+  const int64_t OWp = std::max<int64_t>(OW, Simd<T>::kLanes);
+  at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> xrow(K), wrow(K);
+    // kRing: SF's rows transposed to (G*KK, OWp), as in backward_input_nhwc_fast, one slot per output
+    // row an input row can reach: they span at most (K - 1) * d / s rows
+    std::optional<TransposedRows<T>> ring;
+    if constexpr (kRing) ring.emplace(SF, OW, GKK, OWp, 0, (K - 1) * d / s + 1);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / H;
+      const Reach& ry = rows[row % H];
+      // window row m: kernel row ry.tap + m * tap_step, output row ry.out - m * out_step
+      for (int64_t m = 0; m < ry.count; ++m) {
+        const int64_t oy = ry.out - m * out_step;
+        xrow[m] = oy * OW * C;
+        if constexpr (kRing) wrow[m] = ring->offset(b * OH + oy, oy) + (ry.tap + m * tap_step) * K * OWp;
+        else wrow[m] = oy * OW * GKK + (ry.tap + m * tap_step) * K;
+      }
+      TapWindow win{xrow.data(), wrow.data(), -out_step * C,
+                    kRing ? tap_step * OWp - out_step : -out_step * GKK + tap_step, tap_step * K, tap_step,
+                    0, ry.count - 1, 0, -1};
+      const T* go = GO + b * OH * OW * C;
+      const T* sf = SF + b * OH * OW * GKK;
+      const T* cft = CFT ? CFT + (b * KK + ry.tap * K) * C : nullptr;
+      for (int64_t ix = 0; ix < W; ++ix) {
+        const Reach& rx = columns[ix];
+        win.j1 = rx.count - 1;
+        if constexpr (kRing)
+          filter_pixel_channels<T, mode>(go + rx.out * C, ring->data() + rx.out + rx.tap * OWp, win, nullptr,
+                                         GX + (row * W + ix) * C, vpg, KK * OWp, g);
+        else
+          filter_pixel_channels<T, mode>(go + rx.out * C, sf + rx.out * GKK + rx.tap, win,
+                                         cft ? cft + rx.tap * C : nullptr, GX + (row * W + ix) * C, vpg, KK, g);
+      }
+    }
+  });
+}
+
 // grad_x by gathering, stride 1: input pixel q receives grad_out at the output pixels q - (dy, dx)
 // whose taps read it, each weighted by that output pixel's filter (no two tasks write the same
 // value). The weights come from SF's rows transposed to (G*KK, OW), one slot per kernel row: a tap's
@@ -894,7 +835,7 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
           const T* go = GO + (q0 + ix) * C;
           T* gx = GX + (row * W + ix) * C;
           if (band == 0) filter_pixel_channels<T, mode>(go, ring + ix, bw, cft, gx, vpg, KK * OWp, g);
-          else filter_pixel_channels<T, mode, false, true>(go, ring + ix, bw, cft, gx, vpg, KK * OWp, g);
+          else filter_pixel_channels<T, mode, true>(go, ring + ix, bw, cft, gx, vpg, KK * OWp, g);
         }
       }
     }
@@ -1504,8 +1445,8 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
         at::opmath_type<scalar_t>* gcfp = has_cf ? gcft.mutable_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
         const bool fast = fast_channels<scalar_t>(g);
         if (fast && g.stride == 1) backward_input_nhwc_fast<scalar_t, M>(gop, cfp, sfp, gxp, g);
-        else if (fast && M != Combine::kSpatialOnly) backward_input_nhwc_gather<scalar_t, M>(gop, cfp, sfp, gxp, g);
-        else if (fast) backward_input_nhwc_scatter<scalar_t, M>(gop, cfp, sfp, gxp, g);
+        else if (fast && M == Combine::kSpatialOnly) backward_input_nhwc_gather<scalar_t, M, true>(gop, cfp, sfp, gxp, g);
+        else if (fast) backward_input_nhwc_gather<scalar_t, M>(gop, cfp, sfp, gxp, g);
         else backward_input_nhwc_generic<scalar_t, M>(gop, cfp, sfp, gxp, g);
         const int64_t cpg = g.channels_per_group();
         // tap lanes (k = 7 fills 7 of 8 lanes; not 16) beat pixel lanes by 5-25% on rows up to 28

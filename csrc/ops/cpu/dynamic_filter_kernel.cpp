@@ -697,13 +697,14 @@ class RowsAhead {
 // e = s / gcd(s, d) (their output rows d / gcd(s, d) apart), from the first whose output row lies
 // inside; the same for columns. At stride 2 a pixel has 1, 2 or 4 taps for k = 3, 9 to 16 for k = 7.
 // DDF reads the weights from the output pixels' own blocks in SF (k*k per pixel: few lines).
-// Involution (kRing) reads them from SF's rows transposed to (G*KK, OW) in a ring, as the stride-1
+// Involution (no channel filter: kRing) reads them from SF's rows transposed to (G*KK, OW) in a ring, as the stride-1
 // gather does: in SF a pixel's taps would each read a line of another output pixel's 49-per-group
 // block. Against the scatter this replaced, involution's backward was 12-13% faster on 32x256x28x28/2,
 // 5% on 32x512x14x14/2 and 0-3% on 32x128x56x56/2; reading SF in place was 1-20% slower than the
 // scatter (RESULTS.md, session 13).
-template <typename T, Combine mode, bool kRing = false>
+template <typename T, Combine mode>
 void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
+  constexpr bool kRing = mode == Combine::kSpatialOnly;
   const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
   const int64_t KK = g.taps(), GKK = g.groups * KK, s = g.stride, d = g.dilation, r = g.radius();
   const int64_t common = std::gcd(s, d), tap_step = s / common, out_step = d / common;
@@ -1445,7 +1446,6 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
         at::opmath_type<scalar_t>* gcfp = has_cf ? gcft.mutable_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
         const bool fast = fast_channels<scalar_t>(g);
         if (fast && g.stride == 1) backward_input_nhwc_fast<scalar_t, M>(gop, cfp, sfp, gxp, g);
-        else if (fast && M == Combine::kSpatialOnly) backward_input_nhwc_gather<scalar_t, M, true>(gop, cfp, sfp, gxp, g);
         else if (fast) backward_input_nhwc_gather<scalar_t, M>(gop, cfp, sfp, gxp, g);
         else backward_input_nhwc_generic<scalar_t, M>(gop, cfp, sfp, gxp, g);
         const int64_t cpg = g.channels_per_group();

@@ -5,6 +5,7 @@ The native CPU kernels are built (once per machine) by the first test that needs
 run wherever a GPU is present and skip otherwise.
 """
 
+import hashlib
 import itertools
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,9 +287,16 @@ def test_tap_lane_filter_gradient_for_any_group_size(built):
     # The 7x7 involution's filter gradient on rows of up to 32 pixels puts a kernel row's 7 taps in
     # the lanes, so any number of channels per group works (3, 5 and 16 here); its last vector of a
     # row spills into the next row, the pixel's last row must not. Width 33 takes the other kernels.
-    for channels, groups, width in ((15, 5, 28), (10, 2, 6), (48, 3, 1), (48, 3, 33)):
+    # Output rows go in pairs within a task and an image: heights 7 and 5 leave each image's last row
+    # unpaired, 4 and 2 none, 1 every row; 3 threads split 2 x 5 rows into tasks of 4, 4 and 2 rows
+    # (the second starts at image 0's last row and ends inside image 1).
+    cases = ((15, 5, 7, 28, 1), (10, 2, 4, 6, 1), (48, 3, 7, 1, 1), (16, 2, 2, 9, 1), (16, 1, 1, 12, 1),
+             (32, 2, 5, 10, 3), (48, 3, 7, 33, 1))
+    threads = torch.get_num_threads()
+    for channels, groups, height, width, tasks in cases:
         for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
-            x, kernel = _involution_inputs(2, channels, 7, width, 7, 1, groups, dtype=dtype, channels_last=True,
+            torch.set_num_threads(tasks)
+            x, kernel = _involution_inputs(2, channels, height, width, 7, 1, groups, dtype=dtype, channels_last=True,
                                            seed=width)
             inputs = [x.requires_grad_(), kernel.requires_grad_()]
             wide = [t.detach().double().requires_grad_() for t in inputs]
@@ -295,7 +304,10 @@ def test_tap_lane_filter_gradient_for_any_group_size(built):
             ref = involution_reference(*wide, 7)
             assert _max_diff(out, ref) < tol
             grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-            got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+            try:
+                got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+            finally:
+                torch.set_num_threads(threads)
             want = torch.autograd.grad(ref, wide, grad_out)
             for g, w in zip(got, want):
                 assert _max_diff(g, w) < tol * max(1.0, w.abs().max().item())
@@ -381,6 +393,27 @@ def test_involution_gradcheck(built, stride, dilation, channels_last):
     assert torch.autograd.gradcheck(lambda *t: ops.involution(*t, 3, dilation, stride), inputs)
 
 
+@pytest.mark.parametrize("combine", ["mul", "add"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_second_derivatives(built, combine, channels_last):
+    # The backward ops are differentiable (with the ops themselves): gradgradcheck against finite
+    # differences of the native gradients, and the double backward against the reference's.
+    inputs = [t.requires_grad_() for t in _ddf_inputs(1, 4, 5, 6, 3, 1, 2, channels_last=channels_last, seed=3)]
+    assert torch.autograd.gradgradcheck(lambda *t: ops.ddf(*t, 3, 1, 1, combine, 2), inputs)
+    xi, kernel = [t.requires_grad_() for t in _involution_inputs(1, 4, 5, 6, 3, 1, 2, channels_last=channels_last)]
+    assert torch.autograd.gradgradcheck(lambda *t: ops.involution(*t, 3, 2), [xi, kernel])
+    for native_op, reference_op, args in ((ops.ddf, ddf_reference, (3, 2, 1, combine, 2)),
+                                          (ops.involution, involution_reference, (3, 2, 1))):
+        tensors = inputs if native_op is ops.ddf else [xi, kernel]
+        got, want = [], []
+        for f, out in ((native_op, got), (reference_op, want)):
+            y = f(*tensors, *args)
+            grads = torch.autograd.grad(y.square().sum(), tensors, create_graph=True)
+            out.extend(torch.autograd.grad(sum((g * g.detach().sin()).sum() for g in grads), tensors))
+        for g, w in zip(got, want):
+            assert w.abs().max() > 0 and _max_diff(g, w) < 1e-9 * w.abs().max().item()
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck(built, channels_last):
     x, cf, sf = [t.requires_grad_() for t in _ddf_inputs(2, 4, 7, 8, 3, 2, 2, torch.float32,
@@ -390,6 +423,18 @@ def test_opcheck(built, channels_last):
     xi, kernel = [t.requires_grad_() for t in _involution_inputs(2, 4, 7, 8, 3, 2, 2, torch.float32,
                                                                  channels_last=channels_last)]
     torch.library.opcheck(torch.ops.dynrobust.involution.default, (xi, kernel, 3, 1, 2))
+
+
+def test_fake_kernels_give_the_layout_of_the_real_ones_for_sliced_inputs(built):
+    # A slice of a channels_last tensor is contiguous in neither layout; the kernels take the layout
+    # its strides suggest (channels_last), and so must the fake kernels that torch.compile traces.
+    for x in (torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)[..., :4],
+              torch.randn(1, 16, 6, 4).contiguous(memory_format=torch.channels_last)[:, ::2]):
+        x.requires_grad_()
+        cf, sf = torch.randn(1, 8, 3, 3, requires_grad=True), torch.randn(1, 9, 6, 4, requires_grad=True)
+        torch.library.opcheck(torch.ops.dynrobust.ddf.default, (x, cf, sf, 3, 1, 1, "mul", 1))
+        kernel = torch.randn(1, 1, 9, 6, 4, requires_grad=True)
+        torch.library.opcheck(torch.ops.dynrobust.involution.default, (x, kernel, 3, 1, 1))
 
 
 def test_torch_compile_fullgraph_matches_eager(built):
@@ -429,6 +474,54 @@ def test_bad_arguments_raise_clear_errors():
         ops.involution(xi, torch.zeros(1, 3, 9, 5, 5, dtype=xi.dtype), 3, stride=2)
     with pytest.raises(ValueError, match="dilation must be a positive integer"):
         ops.involution(xi, kernel, 3, dilation=0, stride=2)
+
+
+def test_integer_arguments_may_be_numpy_or_tensors_but_not_bools(built):
+    xi, kernel = _involution_inputs(1, 4, 6, 5, 3, 1, 2)
+    expected = involution_reference(xi, kernel, 3)
+    assert _max_diff(ops.involution(xi, kernel, np.int64(3), torch.tensor(1), np.int32(1)), expected) < 1e-12
+    x, cf, sf = _ddf_inputs(1, 4, 6, 5, 3, 1, 2)
+    assert _max_diff(ops.ddf(x, cf, sf, np.int64(3), head=np.int64(2)), ddf_reference(x, cf, sf, 3, head=2)) < 1e-12
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd integer, got True"):
+        ops.involution(xi, kernel[:, :, :1], True)
+    with pytest.raises(ValueError, match="stride must be a positive integer, got 2.0"):
+        ops.involution(xi, kernel, 3, stride=2.0)
+    with pytest.raises(ValueError, match="head must be a positive divisor"):
+        ops.ddf(x, cf, sf[:, :9], 3, head=True)
+
+
+def test_images_without_pixels_are_rejected_by_both_backends(monkeypatch):
+    for backend in ("native", "reference"):
+        _fresh_choice(monkeypatch, backend)
+        with pytest.raises(ValueError, match=r"x has no pixels \(0x6\)"):
+            ops.involution(torch.randn(1, 4, 0, 6), torch.randn(1, 1, 9, 0, 6), 3)
+        with pytest.raises(ValueError, match=r"x has no pixels \(5x0\)"):
+            ops.ddf(torch.randn(1, 4, 5, 0), torch.randn(1, 4, 3, 3), torch.randn(1, 9, 5, 0), 3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_dilation_past_the_image_leaves_the_centre_tap(built, channels_last):
+    # From a dilation of max(H, W) on only the centre tap reads inside the image, so the result is
+    # x times the centre weight. The ops clamp the dilation there: before, 8192 on a 4x5 image took
+    # 51 s and 17 GB in the channels_last backward (buffers padded by the reach), and 2**62
+    # overflowed the offsets (a segfault); the kernels called directly clamp too.
+    xi, kernel = [t.requires_grad_() for t in _involution_inputs(1, 8, 4, 5, 5, 1, 1, channels_last=channels_last)]
+    def centre_only():
+        return xi * kernel[:, :, 12].unsqueeze(2).expand(1, 1, 8, 4, 5).reshape(1, 8, 4, 5)
+
+    for dilation in (5, 8192, 2**62):
+        out = ops.involution(xi, kernel, 5, dilation)
+        assert _max_diff(out, centre_only()) < 1e-12
+        assert _max_diff(torch.ops.dynrobust.involution(xi, kernel, 5, dilation, 1), centre_only()) < 1e-12
+        got, want = _grads(out, [xi, kernel]), _grads(centre_only(), [xi, kernel])
+        assert all(_max_diff(g, w) < 1e-12 for g, w in zip(got, want))
+    x, cf, sf = [t.requires_grad_() for t in _ddf_inputs(1, 4, 4, 5, 5, 1, 1, channels_last=channels_last)]
+    for dilation in (5, 2**62):
+        out = ops.ddf(x, cf, sf, 5, dilation)
+        expected = x * cf[:, :, 2, 2, None, None] * sf[:, 12:13]
+        assert _max_diff(out, expected) < 1e-12
+        got, want = _grads(out, [x, cf, sf]), _grads(expected, [x, cf, sf])
+        assert all(_max_diff(g, w) < 1e-12 for g, w in zip(got, want))
 
 
 def test_native_kernels_check_their_arguments_too(built):
@@ -587,6 +680,45 @@ def test_a_build_for_16_byte_vectors_passes_the_fast_path_tests(tmp_path):
     # the library was built for that target: its vectors are 16 bytes
     assert "PASSED tests/test_ops.py::test_cpu_vector_width_follows_the_build_target" in result.stdout
     assert len(list((tmp_path / "ops").glob("dynrobust_ops_cpu_*/*.so"))) == 1
+
+
+def test_a_library_cut_short_is_rebuilt_not_loaded(built, tmp_path, monkeypatch):
+    # A library whose bytes do not match the digest written after its build (a link killed midway,
+    # a partial copy) crashed the process when loaded (SIGBUS); it is deleted and built again.
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(native, "_LOADED", {})
+    name = native.library_name(False)
+    library = tmp_path / "ops" / name / f"{name}.so"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(built.read_bytes()[:1000])
+    native._digest_file(library).write_text(hashlib.sha256(built.read_bytes()).hexdigest())
+    compiled, loaded = [], []
+
+    def compile_(name_, folder, with_cuda, verbose):
+        assert not library.exists()  # removed first, so that ninja links it again
+        compiled.append(name_)
+        library.write_bytes(built.read_bytes())
+
+    monkeypatch.setattr(native, "_compile", compile_)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: loaded.append(path))
+    assert native.build(quiet=True) == library
+    assert compiled == [name] and loaded == [str(library)] and native._intact(library)
+    monkeypatch.setattr(native, "_LOADED", {})
+    native.build(quiet=True)  # intact now: loaded without compiling
+    assert compiled == [name] and loaded == [str(library)] * 2
+
+
+def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(native.ENV_CACHE, str(blocker))
+    monkeypatch.setattr(native, "_LOADED", {})
+    with pytest.raises(native.OpsBuildError, match=f"cannot write the ops cache {blocker}/ops/.*"
+                                                   f"set {native.ENV_CACHE} to a writable folder"):
+        native.build(quiet=True)
+    result = subprocess.run([sys.executable, "-m", "robustbench_dyn", "ops", "info"], capture_output=True, text=True,
+                            env={**os.environ, native.ENV_CACHE: str(blocker)}, timeout=300)
+    assert "Traceback" not in result.stderr and "cannot write the ops cache" in result.stdout + result.stderr
 
 
 def test_environment_is_restored(monkeypatch):

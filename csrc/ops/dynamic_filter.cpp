@@ -1,6 +1,8 @@
 // Argument checks shared by DDF and involution on every backend.
 #include "dynamic_filter.h"
 
+#include <algorithm>
+
 namespace dynrobust {
 
 Combine parse_combine(c10::string_view combine) {
@@ -17,6 +19,10 @@ FilterGeometry check_dynamic_filter(const at::Tensor& x, const c10::optional<at:
   TORCH_CHECK(dilation >= 1, op, ": dilation must be positive, got ", dilation);
   TORCH_CHECK(stride >= 1, op, ": stride must be positive, got ", stride);
   FilterGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, groups, kernel_size, dilation, stride};
+  // From a dilation of max(H, W) on, every tap but the centre lies outside the image for every
+  // pixel: clamping there changes no result, and keeps the reach (k-1)/2 * d, the buffers padded by
+  // it and the offsets computed from it in range (2^62 overflowed them).
+  g.dilation = std::min(dilation, std::max<int64_t>({g.height, g.width, 1}));
   TORCH_CHECK(groups >= 1 && g.channels % groups == 0, op, ": ", groups, " groups do not divide ", g.channels,
               " channels");
   TORCH_CHECK(spatial_filter.dim() == 4 && spatial_filter.size(0) == g.batch &&

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -26,16 +27,37 @@ _MAC_COUNTERS: list = []
 COMBINES = ("mul", "add")
 
 
+def _integer(value) -> Optional[int]:
+    """value as an int if it is an integer (int, numpy or 0-d integer tensor: whatever supports
+    ``operator.index``) and not a bool, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _check_common(name: str, x: torch.Tensor, kernel_size: int, dilation: int, stride: int):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"{name}: x must be a 4-D tensor (B, C, H, W), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{name}: x has no pixels ({x.shape[2]}x{x.shape[3]})")
+    k = _integer(kernel_size)
+    if k is None or k < 1 or k % 2 == 0:
         raise ValueError(f"{name}: kernel_size must be a positive odd integer, got {kernel_size!r}")
-    if not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"{name}: dilation must be a positive integer, got {dilation!r}")
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"{name}: stride must be a positive integer, got {stride!r}")
+    for what, value in (("dilation", dilation), ("stride", stride)):
+        v = _integer(value)
+        if v is None or v < 1:
+            raise ValueError(f"{name}: {what} must be a positive integer, got {value!r}")
+
+
+def _geometry(x: torch.Tensor, kernel_size, dilation, stride) -> tuple[int, int, int]:
+    """kernel_size, dilation, stride as ints (checked by _check_common), the dilation clamped to
+    max(H, W): from there on every tap but the centre lies outside the image for every pixel, so the
+    result is the same, and the reference's padding (and the kernels' reach) stays small."""
+    return int(kernel_size), min(int(dilation), max(x.shape[2], x.shape[3])), int(stride)
 
 
 def _check_same(name: str, tensors: dict[str, torch.Tensor]):
@@ -99,11 +121,12 @@ def check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation, str
     _check_common("ddf", x, kernel_size, dilation, stride)
     _check_same("ddf", {"x": x, "channel_filter": channel_filter, "spatial_filter": spatial_filter})
     b, c, h, w = x.shape
-    k = kernel_size
+    k, stride = int(kernel_size), int(stride)
     if combine not in COMBINES:
         raise ValueError(f"ddf: combine must be one of {COMBINES}, got {combine!r}")
-    if not isinstance(head, int) or head < 1 or c % head:
+    if _integer(head) is None or head < 1 or c % head:
         raise ValueError(f"ddf: head must be a positive divisor of the {c} channels, got {head!r}")
+    head = int(head)
     if h // stride < 1 or w // stride < 1:
         raise ValueError(f"ddf: input {h}x{w} is smaller than the stride {stride}")
     want_cf = (b, c, k, k)
@@ -120,6 +143,7 @@ def check_involution_args(x, kernel, kernel_size, dilation, stride):
     """Raise ValueError with a clear message unless the involution arguments are consistent."""
     _check_common("involution", x, kernel_size, dilation, stride)
     b, c, h, w = x.shape
+    kernel_size, stride = int(kernel_size), int(stride)
     _check_same("involution", {"x": x, "kernel": kernel})
     if kernel.dim() != 5:
         raise ValueError(f"involution: kernel must be a 5-D tensor (B, G, k*k, H', W'), got {tuple(kernel.shape)}")
@@ -142,6 +166,8 @@ def ddf(x: torch.Tensor, channel_filter: torch.Tensor, spatial_filter: torch.Ten
     or their sum (``'add'``). Returns (B, C, H//stride, W//stride), zero padding outside the image.
     """
     check_ddf_args(x, channel_filter, spatial_filter, kernel_size, dilation, stride, combine, head)
+    kernel_size, dilation, stride = _geometry(x, kernel_size, dilation, stride)
+    head = int(head)
     if _MAC_COUNTERS:
         _count(ddf_macs(spatial_filter.shape[0], x.shape[1], *spatial_filter.shape[-2:], kernel_size))
     dtype = _common_dtype(x, channel_filter, spatial_filter)
@@ -158,6 +184,7 @@ def involution(x: torch.Tensor, kernel: torch.Tensor, kernel_size: int, dilation
     Returns (B, C, H', W').
     """
     check_involution_args(x, kernel, kernel_size, dilation, stride)
+    kernel_size, dilation, stride = _geometry(x, kernel_size, dilation, stride)
     if _MAC_COUNTERS:
         _count(involution_macs(x.shape[0], x.shape[1], *kernel.shape[-2:], kernel_size))
     dtype = _common_dtype(x, kernel)

@@ -4,6 +4,7 @@ and ``torch.autograd``. Called once, right after the library is loaded."""
 from __future__ import annotations
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 _REGISTERED = False
 
@@ -33,8 +34,10 @@ def _involution_backward_fake(grad_out, x, kernel, kernel_size, dilation, stride
 
 
 def _memory_format(x):
-    # The kernels give their outputs x's layout (see csrc/ops/cpu/dynamic_filter_kernel.cpp).
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    # The kernels give their outputs the layout x's strides suggest (at::Tensor::suggest_memory_format,
+    # also for x sliced out of a channels_last tensor, which is contiguous in neither layout); this is
+    # the same rule, from its Python twin.
+    if x.dim() == 4 and suggest_memory_format(x) == torch.channels_last:
         return torch.channels_last
     return torch.contiguous_format
 
@@ -63,6 +66,71 @@ def _involution_backward(ctx, grad_out):
     return grad_x, grad_kernel, None, None, None
 
 
+# Second derivatives. Both ops are linear in each input (DDF 'mul' in x, channel filter and spatial
+# filter; 'add' in x and in the combined filter; involution in x and kernel), so the backward ops are
+# differentiated with the ops themselves. With f the forward, B the backward op and gg the incoming
+# gradients of its outputs, for involution (grad_x = B_x(go, k), grad_k = B_k(go, x)):
+#     d/d go = f(gg_x, k) + f(x, gg_k),   d/d x = B_x(go, gg_k),   d/d k = B_k(go, gg_x),
+# since <gg_x, B_x(go, k)> = <f(gg_x, k), go> and <gg_k, B_k(go, x)> = <f(x, gg_k), go>. DDF 'mul'
+# has a term per pair of its three factors; 'add' is involution's case with the filter cf + sf (its
+# grad_cf and grad_sf depend on neither filter). Each call is the op itself, so third derivatives
+# follow too.
+def _ddf_backward_setup(ctx, inputs, output):
+    grad_out, x, channel_filter, spatial_filter, kernel_size, dilation, stride, combine, head = inputs
+    ctx.save_for_backward(grad_out, x, channel_filter, spatial_filter)
+    ctx.args = (kernel_size, dilation, stride, combine, head)
+
+
+def _ddf_double_backward(ctx, gg_x, gg_cf, gg_sf):
+    go, x, cf, sf = ctx.saved_tensors
+    args = ctx.args
+    f = lambda x_, cf_, sf_: torch.ops.dynrobust.ddf(x_, cf_, sf_, *args)  # noqa: E731
+    b = lambda x_, cf_, sf_: torch.ops.dynrobust.ddf_backward(go, x_, cf_, sf_, *args)  # noqa: E731
+    d_go = d_x = d_cf = d_sf = None
+
+    def add(total, term):
+        return term if total is None else total + term
+
+    if gg_x is not None:
+        _, d_cf, d_sf = b(gg_x, cf, sf)
+        d_go = f(gg_x, cf, sf)
+    if args[3] == "add":
+        if gg_cf is not None or gg_sf is not None:
+            gcf = gg_cf if gg_cf is not None else torch.zeros_like(cf)
+            gsf = gg_sf if gg_sf is not None else torch.zeros_like(sf)
+            d_go = add(d_go, f(x, gcf, gsf))
+            d_x = b(x, gcf, gsf)[0]
+    else:
+        if gg_cf is not None:
+            d_go = add(d_go, f(x, gg_cf, sf))
+            gx, _, gsf = b(x, gg_cf, sf)
+            d_x, d_sf = add(d_x, gx), add(d_sf, gsf)
+        if gg_sf is not None:
+            d_go = add(d_go, f(x, cf, gg_sf))
+            gx, gcf, _ = b(x, cf, gg_sf)
+            d_x, d_cf = add(d_x, gx), add(d_cf, gcf)
+    return d_go, d_x, d_cf, d_sf, None, None, None, None, None
+
+
+def _involution_backward_setup(ctx, inputs, output):
+    grad_out, x, kernel, kernel_size, dilation, stride = inputs
+    ctx.save_for_backward(grad_out, x, kernel)
+    ctx.args = (kernel_size, dilation, stride)
+
+
+def _involution_double_backward(ctx, gg_x, gg_kernel):
+    go, x, kernel = ctx.saved_tensors
+    d_go = d_x = d_kernel = None
+    if gg_x is not None:
+        d_go = torch.ops.dynrobust.involution(gg_x, kernel, *ctx.args)
+        d_kernel = torch.ops.dynrobust.involution_backward(go, gg_x, kernel, *ctx.args)[1]
+    if gg_kernel is not None:
+        term = torch.ops.dynrobust.involution(x, gg_kernel, *ctx.args)
+        d_go = term if d_go is None else d_go + term
+        d_x = torch.ops.dynrobust.involution_backward(go, x, gg_kernel, *ctx.args)[0]
+    return d_go, d_x, d_kernel, None, None, None
+
+
 def register():
     """Register fake kernels and autograd formulas for the ``dynrobust`` ops (idempotent)."""
     global _REGISTERED
@@ -74,4 +142,7 @@ def register():
     torch.library.register_fake("dynrobust::involution_backward")(_involution_backward_fake)
     torch.library.register_autograd("dynrobust::ddf", _ddf_backward, setup_context=_ddf_setup)
     torch.library.register_autograd("dynrobust::involution", _involution_backward, setup_context=_involution_setup)
+    torch.library.register_autograd("dynrobust::ddf_backward", _ddf_double_backward, setup_context=_ddf_backward_setup)
+    torch.library.register_autograd("dynrobust::involution_backward", _involution_double_backward,
+                                    setup_context=_involution_backward_setup)
     _REGISTERED = True

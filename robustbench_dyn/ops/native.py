@@ -208,13 +208,22 @@ def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -
         name = library_name(with_cuda)
         folder = cache_dir() / "ops" / name
         library = folder / f"{name}.so"
-        if not library.exists():
+        if not _intact(library):
             _check_toolchain(with_cuda)
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                # a library without a matching digest was cut short (a link killed midway, a full
+                # disk, a partial copy): loading it can crash the process (SIGBUS), and ninja would
+                # take it for up to date
+                library.unlink(missing_ok=True)
+            except OSError as exc:
+                raise OpsBuildError(f"cannot write the ops cache {folder}: {exc.strerror or exc}; set "
+                                    f"{ENV_CACHE} to a writable folder") from None
             if not quiet:
                 print(f"dynrobust: compiling the native ops{' with CUDA' if with_cuda else ''} into {folder} "
                       "(once per source, torch version and machine; about a minute)", file=sys.stderr, flush=True)
             _compile(name, folder, with_cuda, verbose)
+            _write_digest(library)
         try:
             torch.ops.load_library(str(library))
         except (OSError, RuntimeError) as exc:
@@ -224,6 +233,28 @@ def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -
         _registrations.register()
         _LOADED[with_cuda] = library
         return library
+
+
+def _digest_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _intact(library: Path) -> bool:
+    """True if ``library`` exists and matches the digest written when it was built."""
+    try:
+        return _digest_file(library).read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+    except OSError:
+        return False
+
+
+def _write_digest(library: Path):
+    temporary = _digest_file(library).with_suffix(f".{os.getpid()}.tmp")
+    try:
+        temporary.write_text(hashlib.sha256(library.read_bytes()).hexdigest() + "\n")
+        temporary.replace(_digest_file(library))
+    except OSError as exc:
+        raise OpsBuildError(f"cannot write the ops cache {library.parent}: {exc.strerror or exc}; set "
+                            f"{ENV_CACHE} to a writable folder") from None
 
 
 def loaded_library() -> Optional[Path]:

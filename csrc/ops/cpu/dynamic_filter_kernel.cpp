@@ -668,8 +668,10 @@ class RowsAhead {
       : base_(static_cast<const char*>(base)), row_bytes_(row_bytes), out_size_(out_size), in_size_(in_size),
         stride_(stride), reach_(reach) {}
   // Before row `row` of a task that ends at `end`: the source rows its next row reads first, if any.
-  void before(int64_t row, int64_t end) {
-    const int64_t first = last_read(row) + 1, last = row + 1 < end ? last_read(row + 1) : first - 1;
+  // A task that steps `rows` rows at a time passes it: the next step's rows are then the next `rows`.
+  void before(int64_t row, int64_t end, int64_t rows = 1) {
+    const int64_t first = last_read(row + rows - 1) + 1,
+                  last = row + rows < end ? last_read(std::min(row + 2 * rows, end) - 1) : first - 1;
     from_ = base_ + first * row_bytes_;
     lines_ = last < first ? 0 : ((last - first + 1) * row_bytes_ + 63) / 64;
   }
@@ -908,81 +910,6 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
   });
 }
 
-// grad_spatial_filter of involution at stride 1 and dilation 1 with k = KS, lanes over the taps of a
-// kernel row: for output pixel (y, x), group g and kernel row i,
-//     GSF[y, x, g, i * K + j] = sum_c GO[y, x, c] * X^T[y + i - r, c, x + j - r],   j = 0 .. K-1,
-// the K taps of a row read K consecutive values of an input row transposed to (C, W) (zero padded):
-// the lanes of NVR vectors (one for k = 7 with 8 lanes), to which each channel adds GO[y, x, c]
-// times them. The pixel's G*K*K results are then stored in their own order with no transpose
-// back (the pixel-lane version's transpose of its results took about a quarter of its time): a
-// row's last vector spills its spare lanes into the next row's first values, which the next store
-// overwrites, and the pixel's very last row stores only its K lanes. Blocks of kPixelBlock pixels,
-// and within them one group at a time, keep the input values in L1.
-// The block's results are gathered in a buffer and written to GSF by non-temporal stores: GSF has
-// G*K*K values per pixel (392 for RedNet's 8 groups, against 128 channels of grad_out), and plain
-// stores read each of its lines from memory before writing it. On 32x128x28x28 the backward was
-// 0-8% faster (varying from run to run); on 14x14 and 7x7 no different (RESULTS.md, session 12).
-constexpr int64_t kPixelBlock = 8;
-
-template <typename T, int KS>
-void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeometry& g) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  constexpr int L = S::kLanes, NVR = (KS + L - 1) / L, R = (KS - 1) / 2;
-  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width;
-  const int64_t KK = g.taps(), G = g.groups, GKK = G * KK, cpg = g.channels_per_group();
-  TORCH_CHECK(g.stride == 1 && g.dilation == 1 && g.kernel_size == KS && OH == H && OW == W,
-              "dynamic filter: the tap-lane filter gradient needs stride 1, dilation 1 and k = ", KS);
-  const int64_t Wp = W - 1 + NVR * L;  // pixel x reads padded columns x .. x + NVR * L - 1
-  at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
-    TransposedRows<T> input_rows(X, W, C, Wp, R, KS);
-    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), OH, H, 1, R);
-    const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
-    std::vector<T> block_out(kPixelBlock * GKK);
-    const int64_t blocks = (OW + kPixelBlock - 1) / kPixelBlock;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / OH, y = row % OH;
-      input_ahead.before(row, end);
-      const T* in[KS];
-      for (int i = 0; i < KS; ++i) {
-        const int64_t iy = y + i - R;
-        in[i] = input_rows.image_row(b, iy, H, zero_row.data());
-      }
-      for (int64_t x0 = 0; x0 < OW; x0 += kPixelBlock) {
-        input_ahead.pixel(x0 / kPixelBlock, blocks);
-        const int64_t x1 = std::min(OW, x0 + kPixelBlock);
-        for (int64_t grp = 0; grp < G; ++grp) {
-          const T* gop = GO + (row * OW + x0) * C + grp * cpg;
-          T* out = block_out.data() + grp * KK;
-          const int64_t c0 = grp * cpg * Wp;
-          const bool last_group = grp == G - 1;
-          for (int64_t x = x0; x < x1; ++x, gop += C, out += GKK) {
-            V acc[KS][NVR] = {};
-            for (int64_t c = 0; c < cpg; ++c) {
-              const T go = gop[c];
-              const int64_t at = c0 + c * Wp + x;
-#pragma GCC unroll 16
-              for (int i = 0; i < KS; ++i)
-#pragma GCC unroll 4
-                for (int v = 0; v < NVR; ++v) acc[i][v] += S::load(in[i] + at + v * L) * go;
-            }
-#pragma GCC unroll 16
-            for (int i = 0; i < KS; ++i)
-#pragma GCC unroll 4
-              for (int v = 0; v < NVR; ++v) {
-                T* dst = out + i * KS + v * L;
-                if (last_group && i == KS - 1 && v == NVR - 1) S::store(dst, acc[i][v], KS - v * L);
-                else S::store(dst, acc[i][v]);
-              }
-          }
-        }
-        S::stream_copy(GSF + (row * OW + x0) * GKK, block_out.data(), (x1 - x0) * GKK);
-      }
-    }
-    S::stream_fence();
-  });
-}
-
 // The sum of v's lanes.
 template <typename T>
 inline T lane_total(const typename Simd<T>::V& v) {
@@ -1000,6 +927,137 @@ inline void in_register(V& v) {
   asm("" : "+v"(v));
 #endif
 }
+
+// grad_spatial_filter of involution at stride 1 and dilation 1 with k = KS, lanes over the taps of a
+// kernel row: for output pixel (y, x), group g and kernel row i,
+//     GSF[y, x, g, i * K + j] = sum_c GO[y, x, c] * X^T[y + i - r, c, x + j - r],   j = 0 .. K-1,
+// the K taps of a row read K consecutive values of an input row transposed to (C, W) (zero padded):
+// the lanes of NVR vectors (one for k = 7 with 8 lanes), to which each channel adds GO[y, x, c]
+// times them. The pixel's G*K*K results are then stored in their own order with no transpose
+// back (the pixel-lane version's transpose of its results took about a quarter of its time): a
+// row's last vector spills its spare lanes into the next row's first values, which a later store
+// overwrites, and the pixel's very last row stores only its K lanes. Blocks of kPixelBlock pixels,
+// and within them one group at a time, keep the input values in L1.
+// Output rows go in pairs (y, y + 1), which read K + 1 input rows between them: the vector loaded
+// from input row y + i - r serves kernel row i of pixel (y, x) and kernel row i - 1 of (y + 1, x).
+// In two passes over the channels (input rows 0 .. h-1, then h .. K, h = (K + 1) / 2), each with K
+// accumulators for k = 7, a channel step loads 4 input vectors and 2 grad_out values for 7
+// multiply-adds, where one row at a time loaded 7 and 1: the backward on 32x128x28x28 3-6%
+// faster, 14x14 5-7%, 7x7 2-6% (RESULTS.md, session 14). A task's last row, or an image's, when
+// unpaired, runs the same code with its partner's results dropped.
+// The block's results are gathered in a buffer and written to GSF by non-temporal stores: GSF has
+// G*K*K values per pixel (392 for RedNet's 8 groups, against 128 channels of grad_out), and plain
+// stores read each of its lines from memory before writing it. On 32x128x28x28 the backward was
+// 0-8% faster (varying from run to run); on 14x14 and 7x7 no different (RESULTS.md, session 12).
+constexpr int64_t kPixelBlock = 8;
+
+template <typename T, int KS>
+void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeometry& g) {
+  using S = Simd<T>;
+  using V = typename S::V;
+  constexpr int L = S::kLanes, NVR = (KS + L - 1) / L, R = (KS - 1) / 2;
+  constexpr int HA = (KS + 1) / 2, HB = KS - HA;  // pass A: input rows 0 .. HA-1; pass B: HA .. KS
+  constexpr int kLastLanes = KS - (NVR - 1) * L;  // lanes of a kernel row's last vector that hold taps
+  const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width;
+  const int64_t KK = g.taps(), G = g.groups, GKK = G * KK, cpg = g.channels_per_group();
+  TORCH_CHECK(g.stride == 1 && g.dilation == 1 && g.kernel_size == KS && OH == H && OW == W,
+              "dynamic filter: the tap-lane filter gradient needs stride 1, dilation 1 and k = ", KS);
+  const int64_t Wp = W - 1 + NVR * L;  // pixel x reads padded columns x .. x + NVR * L - 1
+  at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
+    TransposedRows<T> input_rows(X, W, C, Wp, R, KS + 1);
+    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), OH, H, 1, R);
+    const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
+    std::vector<T> block_out(2 * kPixelBlock * GKK);  // both rows' results
+    const int64_t blocks = (OW + kPixelBlock - 1) / kPixelBlock;
+    for (int64_t row = begin; row < end;) {
+      const int64_t b = row / OH, y = row % OH;
+      const bool pair = row + 1 < end && y + 1 < OH;
+      input_ahead.before(row, end, pair ? 2 : 1);
+      const T* in[KS + 1];  // input rows y - r .. y + r + 1
+      for (int i = 0; i <= KS; ++i)
+        in[i] = i < KS || pair ? input_rows.image_row(b, y + i - R, H, zero_row.data()) : zero_row.data();
+      for (int64_t x0 = 0; x0 < OW; x0 += kPixelBlock) {
+        input_ahead.pixel(x0 / kPixelBlock, blocks);
+        const int64_t x1 = std::min(OW, x0 + kPixelBlock), n = (x1 - x0) * GKK;
+        for (int64_t grp = 0; grp < G; ++grp) {
+          const T* go0 = GO + (row * OW + x0) * C + grp * cpg;
+          const T* go1 = pair ? go0 + OW * C : go0;  // unpaired: a stand-in whose results are dropped
+          T* out0 = block_out.data() + grp * KK;
+          const int64_t c0 = grp * cpg * Wp;
+          const bool last_group = grp == G - 1;
+          // vector v of kernel row i of a pixel whose results start at dst (fully unrolled below, so
+          // that the accumulators stay in registers: a rolled loop sent them through the stack)
+          auto put = [&](T* dst, int i, int v, const V& value) {
+            if (last_group && i == KS - 1 && v == NVR - 1) S::store(dst + i * KS + v * L, value, kLastLanes);
+            else S::store(dst + i * KS + v * L, value);
+          };
+          for (int64_t x = x0; x < x1; ++x, go0 += C, go1 += C, out0 += GKK) {
+            T* out1 = out0 + n;
+            {  // pass A: input row i is kernel row i of y and i - 1 of y + 1
+              V a[HA][NVR] = {}, a1[HA - 1][NVR] = {};
+              for (int64_t c = 0; c < cpg; ++c) {
+                const T u = go0[c], u1 = go1[c];
+                const int64_t at = c0 + c * Wp + x;
+#pragma GCC unroll 16
+                for (int i = 0; i < HA; ++i)
+#pragma GCC unroll 4
+                  for (int v = 0; v < NVR; ++v) {
+                    V xv = S::load(in[i] + at + v * L);
+                    if (i > 0) {
+                      in_register(xv);  // one load for both multiply-adds
+                      a1[i - 1][v] += xv * u1;
+                    }
+                    a[i][v] += xv * u;
+                  }
+              }
+#pragma GCC unroll 16
+              for (int i = 0; i < HA; ++i)
+#pragma GCC unroll 4
+                for (int v = 0; v < NVR; ++v) put(out0, i, v, a[i][v]);
+              if (pair)
+#pragma GCC unroll 16
+                for (int i = 0; i < HA - 1; ++i)
+#pragma GCC unroll 4
+                  for (int v = 0; v < NVR; ++v) put(out1, i, v, a1[i][v]);
+            }
+            {  // pass B: input row HA + i is kernel row HA + i of y and HA + i - 1 of y + 1
+              V a[HB][NVR] = {}, a1[HB + 1][NVR] = {};
+              for (int64_t c = 0; c < cpg; ++c) {
+                const T u = go0[c], u1 = go1[c];
+                const int64_t at = c0 + c * Wp + x;
+#pragma GCC unroll 16
+                for (int i = 0; i <= HB; ++i)
+#pragma GCC unroll 4
+                  for (int v = 0; v < NVR; ++v) {
+                    V xv = S::load(in[HA + i] + at + v * L);
+                    if (i < HB) {
+                      in_register(xv);
+                      a[i][v] += xv * u;
+                    }
+                    a1[i][v] += xv * u1;
+                  }
+              }
+#pragma GCC unroll 16
+              for (int i = 0; i < HB; ++i)
+#pragma GCC unroll 4
+                for (int v = 0; v < NVR; ++v) put(out0, HA + i, v, a[i][v]);
+              if (pair)
+#pragma GCC unroll 16
+                for (int i = 0; i <= HB; ++i)
+#pragma GCC unroll 4
+                  for (int v = 0; v < NVR; ++v) put(out1, HA - 1 + i, v, a1[i][v]);
+            }
+          }
+        }
+        S::stream_copy(GSF + (row * OW + x0) * GKK, block_out.data(), n);
+        if (pair) S::stream_copy(GSF + ((row + 1) * OW + x0) * GKK, block_out.data() + n, n);
+      }
+      row += pair ? 2 : 1;
+    }
+    S::stream_fence();
+  });
+}
+
 
 // Both filter gradients of P output pixels (1, or 2 neighbours of a row), one group and a chunk of
 // NT taps, in one pass over the group's channel vectors: u = grad_out * input at the tap is summed

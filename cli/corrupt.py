@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
+from robustbench_dyn.cli.paths import PATH
 from robustbench_dyn.progress import format_duration
 
 # bad images printed in the summary; the full list is always in <out>/bad_images.txt
@@ -42,8 +41,8 @@ def describe_build(summary) -> list:
 
 
 @click.command("corrupt")
-@click.argument("src_dir", type=click.Path(path_type=Path))
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("src_dir", type=PATH)
+@click.argument("out_dir", type=PATH)
 @click.option(
     "--corruptions",
     "-c",
@@ -74,6 +73,8 @@ def describe_build(summary) -> list:
 def corrupt_command(src_dir, out_dir, corruptions, severities, workers, limit, quiet):
     """Corrupt clean images SRC_DIR/<wnid>/<file> into OUT_DIR/<corruption>/<severity>/<wnid>/<file>.
 
+    Class folders must be ImageNet wnids (e.g. n01440764), as `dynrobust eval` reads the labels from them.
+
     Each image is resized to 256 and centre-cropped to 224, corrupted with a seed derived from
     "<wnid>/<file>", the corruption and the severity, and saved as JPEG quality 85, as ImageNet-C
     was made. Files keep their names; a source that is not .jpg/.jpeg becomes <stem>.jpg.
@@ -81,8 +82,11 @@ def corrupt_command(src_dir, out_dir, corruptions, severities, workers, limit, q
     Run the same command again to resume: complete files are skipped. Images that cannot be
     decoded are skipped and listed in OUT_DIR/bad_images.txt; the exit status is still 0.
     """
-    from robustbench_dyn.data.build_imagenet_c import build_imagenet_c
+    from robustbench_dyn.data.build_imagenet_c import build_imagenet_c, list_source_images
+    from robustbench_dyn.data.imagenet import check_wnid_folders
 
+    # eval reads the labels from the wnid folders: refuse other names before hours of corrupting
+    check_wnid_folders(src_dir, list_source_images(src_dir))
     summary = build_imagenet_c(
         src_dir,
         out_dir,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from robustbench_dyn.cli.paths import PATH
 from robustbench_dyn.progress import format_duration
 
 CONTACT_SHEET = "corruptions.png"
@@ -60,7 +61,7 @@ def write_contact_sheet(path, clean, corrupted, title) -> Path:
 @click.command("demo")
 @click.option(
     "--out",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=Path("demo-out"),
     show_default=True,
     help="Folder for the clean sample, the ImageNet-C tree and the contact sheet.",
@@ -73,7 +74,7 @@ def write_contact_sheet(path, clean, corrupted, title) -> Path:
     help="Worker processes [default: number of CPUs, at most 8]. 0 or 1: no pool.",
 )
 @click.option("--model", "model_name", default="resnet50", show_default=True, help="Model to evaluate.")
-@click.option("--weights", type=click.Path(path_type=Path), help="Its checkpoint; without one the weights are random.")
+@click.option("--weights", type=PATH, help="Its checkpoint; without one the weights are random.")
 # for the tests: a smaller demo that exercises the same code
 @click.option("--corruptions", default="all", hidden=True)
 def demo_command(out, workers, model_name, weights, corruptions):
@@ -101,6 +102,10 @@ def demo_command(out, workers, model_name, weights, corruptions):
     started = time.perf_counter()
     if out.exists() and not out.is_dir():
         raise DynrobustError(f"--out {out} exists and is not a folder")
+    # the model and its checkpoint first: a bad name or file should fail before a minute of building
+    from robustbench_dyn.models import create_model
+
+    create_model(model_name, weights=weights)  # built and dropped; evaluate builds its own
     try:
         clean_dir = write_sample_dataset(out / "clean")
     except OSError as exc:

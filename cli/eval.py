@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from robustbench_dyn.cli.paths import PATH
 from robustbench_dyn.progress import format_duration
 
 
@@ -77,9 +78,9 @@ def render_table(summary, metrics) -> str:
 
 @click.command("eval")
 @click.option("--model", "model_name", required=True, help="Registered model name, e.g. resnet50 (robustbench_dyn.models.list_models() lists them).")
-@click.option("--weights", type=click.Path(path_type=Path), help="Checkpoint (.pth, .pt, .safetensors). Without it the weights are random.")
-@click.option("--imagenet-c", type=click.Path(path_type=Path), help="ImageNet-C root: <root>/<corruption>/<severity>/<wnid>/<file> (or nested under categories).")
-@click.option("--imagenet-val", type=click.Path(path_type=Path), help="Clean ImageNet val in class folders <wnid>/<file>: adds the clean error.")
+@click.option("--weights", type=PATH, help="Checkpoint (.pth, .pt, .safetensors). Without it the weights are random.")
+@click.option("--imagenet-c", type=PATH, help="ImageNet-C root: <root>/<corruption>/<severity>/<wnid>/<file> (or nested under categories).")
+@click.option("--imagenet-val", type=PATH, help="Clean ImageNet val in class folders <wnid>/<file>: adds the clean error.")
 @click.option("--on-the-fly", is_flag=True, help="Corrupt --imagenet-val with the engine instead of reading ImageNet-C.")
 @click.option("--no-jpeg", is_flag=True, help="With --on-the-fly: skip the JPEG quality-85 round trip ImageNet-C files went through.")
 @click.option("-c", "--corruptions", default="all", show_default=True, help="Corruptions and groups, e.g. 'noise,fog' or 'standard'.")
@@ -90,7 +91,7 @@ def render_table(summary, metrics) -> str:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format for model and inputs.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True, help="Folder of the results store (results.sqlite).")
+@click.option("--out", type=PATH, default=Path("runs"), show_default=True, help="Folder of the results store (results.sqlite).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--strict", is_flag=True, help="Stop at the first bad image (default: record it and go on).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")

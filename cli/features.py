@@ -6,22 +6,24 @@ from pathlib import Path
 
 import click
 
+from robustbench_dyn.cli.paths import PATH
+
 PLOT_STEM = "features"
 SUMMARY_CSV = "features.csv"
 MAPS_NPZ = "features.npz"
 
 
 @click.command("features")
-@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=PATH)
 @click.option("--model", "model_name", required=True, help="Registered model name, e.g. resnet50.")
-@click.option("--weights", type=click.Path(path_type=Path), help="Checkpoint. Without it the weights are random.")
+@click.option("--weights", type=PATH, help="Checkpoint. Without it the weights are random.")
 @click.option("--layer", help="Module name, e.g. layer3.5 [default: the last block of stage 3, as the paper].")
 @click.option("-c", "--corruption", "corruptions", default="gaussian_noise", show_default=True,
               help="Corruption(s), comma-separated names or groups.")
 @click.option("-s", "--severity", type=int, default=3, show_default=True, help="Severity, 1 to 5.")
 @click.option("--jpeg", is_flag=True, help="JPEG quality-85 round trip after corrupting, as ImageNet-C files had.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("features-out"), show_default=True,
+@click.option("--out", type=PATH, default=Path("features-out"), show_default=True,
               help="Folder for features.png/.svg, features.csv and features.npz.")
 @click.option("--list-layers", is_flag=True, help="List the model's layers (module names) and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")

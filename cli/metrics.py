@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from robustbench_dyn.cli.paths import PATH
 from robustbench_dyn.corruptions import SEVERITIES, STANDARD
 from robustbench_dyn.errors import DynrobustError
 from robustbench_dyn.metrics import (
@@ -20,6 +21,9 @@ from robustbench_dyn.metrics import (
 )
 
 _MISSING_SHOWN = 12
+# how far an error and an accuracy of the same cell (or two clean errors) may disagree, as fractions:
+# rounding to 0.1 %, not a different number
+_AGREEMENT = 1e-3
 
 
 def _numeric(frame: pd.DataFrame, column: str, path: Path, percent: bool) -> pd.Series:
@@ -83,6 +87,17 @@ def read_errors_csv(path: Path, percent: bool = False, allow_clean: bool = False
     for k in ("top1", "top5"):
         if f"{k}_err" in frame.columns:
             out[f"{k}_err"] = _numeric(frame, f"{k}_err", path, percent)
+            if f"{k}_acc" in frame.columns:
+                acc = _numeric(frame, f"{k}_acc", path, percent)
+                off = (out[f"{k}_err"] + acc - 1.0).abs() > _AGREEMENT
+                if off.any():
+                    row = off.idxmax()
+                    raise DynrobustError(
+                        f"{path}: {k}_err and {k}_acc disagree in {int(off.sum())} row(s), e.g. "
+                        f"{frame.loc[row, 'corruption']} {frame.loc[row, 'severity']}: {k}_err "
+                        f"{frame.loc[row, f'{k}_err']} and {k}_acc {frame.loc[row, f'{k}_acc']} do not add up to "
+                        f"{'100' if percent else '1'}; keep one of the columns"
+                    )
         elif f"{k}_acc" in frame.columns:
             out[f"{k}_err"] = 1.0 - _numeric(frame, f"{k}_acc", path, percent)
     clean = out["corruption"].astype(str).str.strip() == "clean" if allow_clean else pd.Series(False, index=out.index)
@@ -90,6 +105,9 @@ def read_errors_csv(path: Path, percent: bool = False, allow_clean: bool = False
         raise DynrobustError(f"{path}: more than one 'clean' row")
     if clean.any() and not 0.0 <= float(out.loc[clean, "top1_err"].iloc[0]) <= 1.0:
         raise DynrobustError(f"{path}: the clean row's top-1 error is not a fraction in [0, 1]")
+    if clean.all():
+        raise DynrobustError(f"{path}: no corruption rows, only the clean one; expected one row per corruption "
+                             "and severity")
     cells = validate_errors(out.loc[~clean].reset_index(drop=True), what=str(path))
     return pd.concat([cells, out.loc[clean].assign(corruption="clean")], ignore_index=True) if clean.any() else cells
 
@@ -273,7 +291,7 @@ def _split_clean(frame):
 
 
 @click.command("metrics")
-@click.argument("errors_csv", type=click.Path(path_type=Path))
+@click.argument("errors_csv", type=PATH)
 @click.option(
     "--clean-err",
     type=float,
@@ -283,7 +301,7 @@ def _split_clean(frame):
 @click.option(
     "--baseline",
     "baseline_csv",
-    type=click.Path(path_type=Path),
+    type=PATH,
     default=None,
     help="A second errors CSV (e.g. ResNet-50): also report delta top-1 against it, in percentage points.",
 )
@@ -311,6 +329,7 @@ def metrics_command(errors_csv, clean_err, baseline_csv, output_format, percent)
     A row with corruption 'clean' (as `dynrobust eval --format csv` writes) gives the clean error.
     """
     errors, clean_row = _split_clean(read_errors_csv(errors_csv, percent=percent, allow_clean=True))
+    given = clean_err
     if clean_err is None and clean_row is not None:
         clean_err = clean_row * 100.0 if percent else clean_row  # scaled back below with --percent
     if clean_err is not None and percent:
@@ -318,6 +337,10 @@ def metrics_command(errors_csv, clean_err, baseline_csv, output_format, percent)
     if clean_err is not None and not 0.0 <= clean_err <= 1.0:
         unit = "a percentage in [0, 100]" if percent else "a fraction in [0, 1] (or add --percent)"
         raise DynrobustError(f"--clean-err must be {unit}")
+    if given is not None and clean_row is not None and abs(clean_err - clean_row) > _AGREEMENT:
+        shown = f"{100 * clean_row:g}" if percent else f"{clean_row:g}"
+        raise DynrobustError(f"--clean-err {given:g} disagrees with the clean row of {errors_csv} ({shown}); "
+                             "give one of them")
     result = corruption_metrics(errors, clean_err=clean_err)
 
     delta = None

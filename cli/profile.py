@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
+
+from robustbench_dyn.cli.paths import PATH
 
 
 def _mib(n_bytes) -> str:
@@ -34,7 +35,7 @@ def render_table(result) -> str:
 
 @click.command("profile")
 @click.option("--model", "model_name", required=True, help="Registered model name (`dynrobust models` lists them).")
-@click.option("--weights", type=click.Path(path_type=Path),
+@click.option("--weights", type=PATH,
               help="Checkpoint to load first (strictly); the timing does not depend on it.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("-b", "--batch-size", type=int, default=1, show_default=True)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import click
+
+from robustbench_dyn.cli.paths import PATH
 
 
 def _command_line(sources, baseline, models, out, n_boot, level, seed) -> str:
@@ -24,12 +25,12 @@ def _command_line(sources, baseline, models, out, n_boot, level, seed) -> str:
 
 
 @click.command("report")
-@click.argument("sources", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("sources", nargs=-1, required=True, type=PATH)
 @click.option("--baseline", required=True,
               help="The model (or run label, or run key prefix) every other run is compared with, e.g. resnet50.")
 @click.option("--models", multiple=True,
               help="Runs to compare, comma-separated or repeated [default: every other run in the stores].")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the report.")
+@click.option("--out", type=PATH, required=True, help="Folder for the report.")
 @click.option("--bootstrap", "n_boot", type=int, default=2000, show_default=True,
               help="Bootstrap replicates for the intervals (at least 100).")
 @click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of the intervals.")

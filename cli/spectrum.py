@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from robustbench_dyn.cli.paths import PATH
+
 SPECTRUM_CSV = "spectrum.csv"
 SUMMARY_CSV = "spectrum_summary.csv"
 PLOT_STEM = "spectrum"
@@ -28,8 +30,8 @@ def render_summary(summary) -> str:
 
 
 @click.command("spectrum")
-@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--dataset", type=click.Path(path_type=Path),
+@click.argument("images", nargs=-1, type=PATH)
+@click.option("--dataset", type=PATH,
               help="A folder of images (searched recursively): average the profiles over its images.")
 @click.option("--limit", type=int, help="With --dataset: at most N images, class-balanced over sub-folders.")
 @click.option("-c", "--corruptions", default="gaussian_noise,shot_noise,impulse_noise,speckle_noise", show_default=True,
@@ -40,7 +42,7 @@ def render_summary(summary) -> str:
 @click.option("--preprocess", type=click.Choice(["imagenet-c", "none"]), default="imagenet-c", show_default=True,
               help="imagenet-c: resize 256 and crop 224 first, as ImageNet-C and eval --on-the-fly; none: own size.")
 @click.option("--jpeg", is_flag=True, help="JPEG quality-85 round trip after corrupting, as ImageNet-C files had.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("spectrum-out"), show_default=True,
+@click.option("--out", type=PATH, default=Path("spectrum-out"), show_default=True,
               help="Folder for spectrum.csv, spectrum_summary.csv and the plot.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True,
               help="How the summary is printed (the files are written either way).")

@@ -114,7 +114,9 @@ def feature_maps(
         raise DynrobustError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DynrobustError("--device cuda asked for, but torch sees no CUDA GPU on this machine")
-    loaded = [load_image(p, "imagenet-c") for p in images]  # bad files fail before the model is built
+    # bad files fail before the model is built
+    loaded = [load_image(p, "imagenet-c", needed_by="a feature map", folder_hint=": give image files, e.g. DIR/*.JPEG")
+              for p in images]
     config = model_config(model_name).preprocessing
     torch.manual_seed(RANDOM_INIT_SEED)
     model = create_model(model_name, weights=weights).eval().to(device)

@@ -330,6 +330,23 @@ def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """True if ``error`` is torch failing to allocate memory (CUDA's OutOfMemoryError, or the CPU
+    allocator's RuntimeError "can't allocate memory")."""
+    text = str(error)
+    return (isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text.lower())
+
+
+def _first_line(error: BaseException) -> str:
+    # torch's CPU allocator message starts with "[enforce fail at alloc_cpu.cpp:127] err == 0. "
+    return str(error).splitlines()[0].split("] err == 0. ")[-1]
+
+
+def _memory_of(device: torch.device) -> str:
+    return f"{torch.cuda.get_device_name(device)} memory" if device.type == "cuda" else "memory (RAM)"
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -372,7 +389,15 @@ def profile_model(
     cost = model_costs([name], image_size)[0]
     torch.manual_seed(0)
     model = create_model(name, weights=weights).to(dev)
-    x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+    shape = f"{batch_size} x 3 x {image_size} x {image_size}"
+    try:
+        x = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError included
+        if not _out_of_memory(error):
+            raise
+        gib = batch_size * 3 * image_size**2 * 4 / 2**30
+        raise DynrobustError(f"the input batch ({shape} float32, {gib:,.1f} GiB) does not fit in "
+                             f"{_memory_of(dev)}; try a smaller --batch-size or --image-size") from None
     if channels_last:
         model = to_channels_last(model)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -415,10 +440,10 @@ def profile_model(
             peak = tracker.peak
             method = ("peak live tensor storage allocated during one forward pass, tracked per tensor "
                       "(weights and input excluded; library scratch outside tensors not seen)")
-    except torch.cuda.OutOfMemoryError as error:
-        raise DynrobustError(f"{name} at batch size {batch_size} does not fit in {_device_name(dev)} memory "
-                             f"({str(error).splitlines()[0]}); try a smaller --batch-size") from None
-    except RuntimeError as error:
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError included
+        if _out_of_memory(error):
+            raise DynrobustError(f"{name} on a {shape} input does not fit in {_memory_of(dev)} "
+                                 f"({_first_line(error)}); try a smaller --batch-size or --image-size") from None
         if amp and dev.type == "cpu" and "BFloat16" in str(error):
             raise DynrobustError(f"--amp on CPU: {name} has an operation without bfloat16 support "
                                  f"({str(error).splitlines()[0]}); run without --amp") from None

@@ -152,28 +152,31 @@ def image_id_of(path, root=None) -> str:
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
-def prepare(pixels: np.ndarray, path, preprocess: str) -> np.ndarray:
+def prepare(pixels: np.ndarray, path, preprocess: str, needed_by: str = "the spectrum") -> np.ndarray:
     """Check an image's size and bring it to what is analysed: the ImageNet-C crop (shorter side 256,
     centre 224, bilinear) for ``"imagenet-c"``, unchanged for ``"none"``. Raises BadImageError for a
-    side under 32 px."""
+    side under 32 px, saying that ``needed_by`` (what the image is for) needs more."""
     if preprocess not in PREPROCESSING:
         raise DynrobustError(f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocess!r}")
     height, width = pixels.shape[:2]
     if min(height, width) < MIN_SIDE:
-        raise BadImageError(path, f"the image is {width}x{height} px; the spectrum needs at least {MIN_SIDE} px on each side")
+        raise BadImageError(path, f"the image is {width}x{height} px; {needed_by} needs at least {MIN_SIDE} px on each side")
     if preprocess == "imagenet-c":
         return resize_center_crop(pixels, imagenet_c_recipe.RESIZE, imagenet_c_recipe.CROP)
     return pixels
 
 
-def load_image(path, preprocess: str = "imagenet-c", root=None) -> SpectrumImage:
+def load_image(path, preprocess: str = "imagenet-c", root=None, *, needed_by: str = "the spectrum",
+               folder_hint: str = " (use --dataset for a folder)") -> SpectrumImage:
     """Decode one image file (any mode, through the project's one decoder) and :func:`prepare` it.
 
-    Raises BadImageError (a DynrobustError) for a missing, empty, broken or too small file."""
+    Raises BadImageError (a DynrobustError) for a missing, empty, broken or too small file, or a
+    folder; ``needed_by`` and ``folder_hint`` word those errors for the command that called
+    (the defaults are ``dynrobust spectrum``'s)."""
     path = Path(path)
     if path.is_dir():
-        raise BadImageError(path, "is a folder, not an image (use --dataset for a folder)")
-    pixels = prepare(load_rgb(path), path, preprocess)
+        raise BadImageError(path, f"is a folder, not an image{folder_hint}")
+    pixels = prepare(load_rgb(path), path, preprocess, needed_by)
     return SpectrumImage(image_id_of(path, root), path, pixels)
 
 

@@ -19,8 +19,10 @@ The clean images are the cell (corruption ``"clean"``, severity 0).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -83,6 +85,101 @@ CREATE TABLE IF NOT EXISTS bad_images (
 """
 
 
+def _schema_columns() -> dict:
+    """{table: [column names]} of a store, read off the schema itself."""
+    db = sqlite3.connect(":memory:")
+    db.executescript(_SCHEMA)
+    tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    columns = {table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")] for table in tables}
+    db.close()
+    return columns
+
+
+_COLUMNS = _schema_columns()
+# SQLite's own messages (sqlite3ErrStr) for a file whose content is not a database, or not ours
+_NOT_A_STORE = ("file is not a database", "database disk image is malformed", "no such table", "no such column")
+
+
+def _some(names, shown: int = 4) -> str:
+    """``names`` joined with commas, the first ``shown`` of them and how many more."""
+    names = list(names)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _not_a_store(path, why) -> DynrobustError:
+    return DynrobustError(f"{path} is not a dynrobust results store ({why})")
+
+
+def _sqlite_error(path, exc, doing: str) -> DynrobustError:
+    """The user's view of an SQLite error on the store at ``path`` while ``doing`` (open, read,
+    write): not a store, disk full, or cannot open/read/write (permissions, I/O, locks)."""
+    if isinstance(exc, pd.errors.DatabaseError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # pandas wraps the sqlite3 error
+    message = str(exc)
+    if any(text in message for text in _NOT_A_STORE):
+        return _not_a_store(path, message)
+    if "database or disk is full" in message:
+        reason = "the disk is full"
+    else:
+        reason = message
+        if doing != "read" and not os.access(Path(path).parent, os.W_OK):
+            reason += f"; {Path(path).parent} is not writable"
+    kept = "; the records committed before are kept: fix that and run the same command again to resume"
+    return DynrobustError(f"cannot {doing} {path}: {reason}{kept if doing == 'write' else ''}")
+
+
+def _sqlite_errors(doing: str):
+    """Turn SQLite errors (and pandas' wrapping of them) in a store method into DynrobustError."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def run(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except (sqlite3.OperationalError, pd.errors.DatabaseError) as exc:
+                raise _sqlite_error(self.path, exc, doing) from None
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+                    raise  # a bug, not the file
+                raise _sqlite_error(self.path, exc, doing) from None
+
+        return run
+
+    return decorate
+
+
+def _check_store(db, path, *, new_ok: bool) -> bool:
+    """Check that ``db`` is a dynrobust store of this schema; True if it is, False if it is empty
+    (or its creation was cut short) and ``new_ok``. Raises DynrobustError otherwise."""
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables and new_ok:
+        return False
+    if "meta" not in tables:
+        raise _not_a_store(path, f"it has no dynrobust meta table; tables: {_some(sorted(tables)) or 'none'}")
+    found = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    if found is None:
+        if new_ok and tables <= set(_COLUMNS):
+            return False  # a creation cut short: only our tables, no schema row yet
+        raise _not_a_store(path, "its meta table names no dynrobust schema")
+    try:
+        schema = int(found[0])
+    except (TypeError, ValueError):
+        raise _not_a_store(path, f"its schema {found[0]!r} is not a dynrobust schema version") from None
+    if schema != SCHEMA_VERSION:
+        raise DynrobustError(f"{path} was written by another dynrobust version (schema {found[0]})")
+    for table, wanted in _COLUMNS.items():
+        if table not in tables:
+            if new_ok or table == "cells":
+                continue  # created below (eval), or not needed to read runs and records (report)
+            raise _not_a_store(path, f"it has no {table} table")
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        missing = [c for c in wanted if c not in have]
+        if missing:
+            raise _not_a_store(path, f"its {table} table lacks the columns {_some(missing)}")
+    return True
+
+
 @dataclass(frozen=True)
 class RunIdentity:
     """What makes two evaluations the same run: model, weights (by content) and preprocessing."""
@@ -110,19 +207,24 @@ class ResultsStore:
         except OSError as exc:
             raise DynrobustError(f"cannot create output folder {self.folder}: {exc.strerror or exc}") from None
         self.path = self.folder / STORE_NAME
+        self.db = None
         try:
-            self.db = sqlite3.connect(self.path, timeout=60)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(_SCHEMA)
-            found = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            if found is None:
-                with self.db:
-                    self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(found[0]) != SCHEMA_VERSION:
-                raise DynrobustError(f"{self.path} was written by another dynrobust version (schema {found[0]})")
-        except sqlite3.DatabaseError as exc:
-            raise DynrobustError(f"{self.path} is not a dynrobust results store ({exc})") from None
+            self._open()
+        except DynrobustError:
+            self.close()
+            raise
+
+    @_sqlite_errors("open")
+    def _open(self):
+        self.db = sqlite3.connect(self.path, timeout=60)
+        # before anything is written: another program's database must not get our tables
+        existing = _check_store(self.db, self.path, new_ok=True)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        if not existing:
+            with self.db:
+                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
 
     @classmethod
     def open_existing(cls, path) -> "ResultsStore":
@@ -136,20 +238,23 @@ class ResultsStore:
         if not path.is_file():
             raise DynrobustError(f"no results store at {path}")
         store = cls.__new__(cls)
-        store.folder, store.path = path.parent, path
+        store.folder, store.path, store.db = path.parent, path, None
         try:
-            store.db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
-            tables = {row[0] for row in store.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if not {"meta", "runs", "records", "bad_images"} <= tables:
-                store.db.close()
-                raise DynrobustError(f"{path} is an SQLite file but not a dynrobust results store")
-            found = store.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise DynrobustError(f"{path} is not a dynrobust results store ({exc})") from None
-        if found is None or int(found[0]) != SCHEMA_VERSION:
-            store.db.close()
-            raise DynrobustError(f"{path} was written by another dynrobust version (schema {found and found[0]})")
+            store._open_read_only()
+        except DynrobustError:
+            store.close()
+            raise
         return store
+
+    @_sqlite_errors("read")
+    def _open_read_only(self):
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        if not os.access(self.folder, os.W_OK) and not self.path.with_name(self.path.name + "-wal").exists():
+            # a store in WAL mode cannot be opened read-only where SQLite cannot create its -shm file;
+            # with no -wal file and a folder nobody can write, the main file holds everything
+            uri += "&immutable=1"
+        self.db = sqlite3.connect(uri, uri=True, timeout=60)
+        _check_store(self.db, self.path, new_ok=False)
 
     def __enter__(self):
         return self
@@ -158,10 +263,12 @@ class ResultsStore:
         self.close()
 
     def close(self):
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
 
     # -- runs -------------------------------------------------------------------------------
 
+    @_sqlite_errors("write")
     def open_run(self, identity: RunIdentity, weights: str | None, context: dict) -> int:
         """Return the run id of ``identity``, creating the run if it is new; ``context`` updates
         the descriptive columns (ops_backend, torch_version, device, options)."""
@@ -201,17 +308,25 @@ class ResultsStore:
             )
             return int(row[0])
 
+    @_sqlite_errors("write")
     def mark_finished(self, run_id: int) -> None:
         """Record that every requested image of the run is done."""
         with self.db:
             self.db.execute("UPDATE runs SET finished_at=? WHERE run_id=?", (time.time(), run_id))
 
+    @_sqlite_errors("read")
     def runs(self) -> pd.DataFrame:
         """All runs of the store, one row each."""
         return pd.read_sql_query("SELECT * FROM runs ORDER BY run_id", self.db)
 
+    @_sqlite_errors("read")
+    def record_counts(self) -> dict:
+        """{run id: number of records} of the runs that have records."""
+        return dict(self.db.execute("SELECT run_id, COUNT(*) FROM records GROUP BY run_id").fetchall())
+
     # -- cells and records ----------------------------------------------------------------
 
+    @_sqlite_errors("write")
     def claim_cells(self, run_id: int, cells) -> None:
         """Record the origin of each (corruption, severity, source, origin) cell of the run.
 
@@ -235,6 +350,7 @@ class ResultsStore:
                 f"{' and more' if len(clashes) > 3 else ''}, not from this data; use another --out"
             )
 
+    @_sqlite_errors("read")
     def done_images(self, run_id: int) -> set:
         """The (corruption, severity, image_id) already evaluated or recorded as bad for ``run_id``."""
         rows = self.db.execute(
@@ -244,6 +360,7 @@ class ResultsStore:
         )
         return {(c, int(s), i) for c, s, i in rows}
 
+    @_sqlite_errors("write")
     def commit_batch(self, run_id, corruption, severity, records, bad) -> None:
         """Write one batch's records and bad images, in one transaction.
 
@@ -264,6 +381,7 @@ class ResultsStore:
             )
             self.db.execute("UPDATE runs SET updated_at=? WHERE run_id=?", (time.time(), run_id))
 
+    @_sqlite_errors("read")
     def records(self, run_id: int | None = None) -> pd.DataFrame:
         """Per-image records (all runs, or one), with the run's model name."""
         query = (
@@ -276,6 +394,7 @@ class ResultsStore:
             params = (run_id,)
         return pd.read_sql_query(query + " ORDER BY r.run_id, r.corruption, r.severity, r.image_id", self.db, params=params)
 
+    @_sqlite_errors("read")
     def outcomes(self, run_id: int) -> pd.DataFrame:
         """Per-image outcomes of one run, without the predictions: corruption, severity, image_id,
         label, correct1, correct5 (0/1); a lighter :meth:`records` for statistics over many images."""
@@ -286,6 +405,7 @@ class ResultsStore:
             params=(run_id,),
         )
 
+    @_sqlite_errors("read")
     def bad_images(self, run_id: int | None = None) -> pd.DataFrame:
         """Images that could not be decoded, with the reason."""
         query = "SELECT * FROM bad_images"
@@ -295,6 +415,7 @@ class ResultsStore:
             params = (run_id,)
         return pd.read_sql_query(query + " ORDER BY corruption, severity, image_id", self.db, params=params)
 
+    @_sqlite_errors("read")
     def cell_errors(self, run_id: int) -> pd.DataFrame:
         """Top-1 and top-5 error (fractions) and image count per (corruption, severity) of a run."""
         return pd.read_sql_query(

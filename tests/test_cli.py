@@ -166,10 +166,51 @@ def test_console_script_user_error_is_one_line_and_exit_1(sample_src, tmp_path, 
     assert "Traceback" not in result.stderr
 
 
+def test_corrupt_refuses_class_folders_eval_cannot_label(sample_src, tmp_path):
+    wnid = sample_images()[0].wnid
+    (sample_src / wnid).rename(sample_src / "cats")
+    result = CliRunner().invoke(app, ["corrupt", str(sample_src), str(tmp_path / "out"), "-c", "fog", "-s", "1", "-q"])
+    assert result.exit_code != 0 and isinstance(result.exception, DynrobustError)
+    assert str(result.exception) == f"{sample_src}: class folders must be named by ImageNet wnids (e.g. n01440764); found cats"
+    assert not (tmp_path / "out").exists()
+
+
 def test_console_script_usage_error_exits_2():
     result = _run("corrupt", "--no-such-option")
     assert result.returncode == 2
     assert "No such option" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "nope"], "unknown model 'nope'"),
+        (["--model", "resnet18", "--weights", "{tmp}/missing.pth"], "checkpoint {tmp}/missing.pth does not exist"),
+    ],
+)
+def test_demo_checks_model_and_weights_before_building_anything(tmp_path, args, message):
+    result = CliRunner().invoke(app, ["demo", *[a.format(tmp=tmp_path) for a in args], "--out", str(tmp_path / "d")])
+    assert result.exit_code != 0 and isinstance(result.exception, DynrobustError)
+    assert message.format(tmp=tmp_path) in str(result.exception)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["eval", "--model", "resnet18", "--imagenet-c", ""], "--imagenet-c"),
+        (["eval", "--model", "resnet18", "--imagenet-c", "{tmp}", "--out", ""], "--out"),
+        (["eval", "--model", "resnet18", "--imagenet-c", "{tmp}", "--weights", " "], "--weights"),
+        (["corrupt", "{tmp}", ""], "OUT_DIR"),
+        (["report", "", "--baseline", "resnet50", "--out", "{tmp}/r"], "SOURCES..."),
+    ],
+)
+def test_an_empty_path_is_a_usage_error_not_the_current_folder(tmp_path, args, option):
+    # Path("") is Path("."): an unset shell variable must not make the current folder the dataset or the output
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': an empty path" in result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_killed_run_resumes_to_the_same_tree(tmp_path):

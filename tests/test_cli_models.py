@@ -150,6 +150,28 @@ def test_profile_user_errors(capsys, args, phrases):
     _one_error_line(*_run(["profile", *args], capsys), *phrases)
 
 
+def test_profile_input_too_large_for_memory(capsys):
+    # 1000 x 3 x 100000 x 100000 float32 is 109 TiB: the allocator refuses it at once
+    _one_error_line(*_run(["profile", "--model", "resnet18", "-b", "1000", "--image-size", "100000"], capsys),
+                    "the input batch (1000 x 3 x 100000 x 100000 float32, 111,758.7 GiB) does not fit in memory",
+                    "--batch-size", "--image-size")
+
+
+def test_profile_forward_out_of_memory(capsys, monkeypatch):
+    conv = torch.nn.Conv2d._conv_forward
+
+    def refuse(self, x, weight, bias):  # as torch's CPU allocator fails on a too large activation
+        if x.device.type == "cpu":
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 25600000000 bytes. Error code 12 (Cannot allocate memory)")
+        return conv(self, x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", refuse)
+    _one_error_line(*_run(["profile", "--model", "resnet18", "--image-size", "64", "--runs", "1"], capsys),
+                    "resnet18 on a 1 x 3 x 64 x 64 input does not fit in memory (RAM) (DefaultCPUAllocator: can't "
+                    "allocate memory: you tried to allocate 25600000000 bytes", "--batch-size")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_profile_cuda_without_gpu(capsys):
     _one_error_line(*_run(["profile", "--model", "resnet18", "--device", "cuda"], capsys), "no CUDA GPU")

@@ -17,6 +17,7 @@ from robustbench_dyn.cli import app
 from robustbench_dyn.data.build_imagenet_c import build_imagenet_c
 from robustbench_dyn.data.images import load_rgb, resize_center_crop
 from robustbench_dyn.data.imagenet import imagenet_wnids
+from robustbench_dyn.errors import DynrobustError
 from robustbench_dyn.evaluate import evaluate
 from robustbench_dyn.models import create_model, model_config
 from robustbench_dyn.sample import write_sample_dataset
@@ -207,6 +208,21 @@ def test_user_errors_are_one_clear_line(data, tmp_path, args, message):
     assert message in result.stderr
 
 
+def test_two_folders_of_one_corruption_are_an_error_naming_both(data, tmp_path):
+    tree = tmp_path / "tree"
+    for category in ("noise", "more_noise"):
+        shutil.copytree(data["flat"] / "gaussian_noise", tree / category / "gaussian_noise")
+    shutil.copytree(data["flat"] / "fog", tree / "weather" / "fog")
+    with pytest.raises(DynrobustError) as raised:
+        _eval("--imagenet-c", tree, "-c", "gaussian_noise", "-s", "1", "--out", tmp_path / "runs")
+    assert str(raised.value) == (
+        f"{tree} holds gaussian_noise twice: {tree / 'more_noise' / 'gaussian_noise'}, "
+        f"{tree / 'noise' / 'gaussian_noise'}; keep one, or give the folder of one of them as --imagenet-c"
+    )
+    # a corruption that is there once is still found
+    assert _eval("--imagenet-c", tree, "-c", "fog", "-s", "1", "--limit", "1", "--out", tmp_path / "runs").exit_code == 0
+
+
 def test_a_folder_that_is_not_imagenet_c(data, tmp_path):
     result = CliRunner().invoke(app, ["eval", "--model", MODEL, "--imagenet-c", str(data["clean"]), "--out", str(tmp_path)])
     assert result.exit_code != 0
@@ -272,3 +288,95 @@ def test_the_ops_backend_that_ran_is_recorded(tmp_path):
                  limit=1, batch_size=1, out=tmp_path / model, progress=False)
         with sqlite3.connect(tmp_path / model / "results.sqlite") as db:
             assert db.execute("SELECT ops_backend FROM runs").fetchall() == [(expected,)]
+
+
+# --- the results store as bad input -------------------------------------------------------------
+
+
+def _main(args, capsys):
+    """Run the CLI in this process: (exit code, stdout, stderr)."""
+    from robustbench_dyn.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+class _DiskFillsUp(sqlite3.Connection):
+    """A connection whose disk fills up at the third batch of records, as SQLite reports it."""
+
+    batches = 0
+
+    def executemany(self, sql, rows):
+        if "INTO records" in sql:
+            _DiskFillsUp.batches += 1
+            if _DiskFillsUp.batches == 3:
+                raise sqlite3.OperationalError("database or disk is full")
+        return super().executemany(sql, rows)
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_committed_records(data, tmp_path, capsys, monkeypatch):
+    args = ["eval", "--model", MODEL, "--weights", data["weights"], "--imagenet-c", data["flat"], "-c", "fog",
+            "-s", "1", "-b", "1", "-q", "--out", tmp_path / "runs"]
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **kw: connect(*a, factory=_DiskFillsUp, **kw))
+    code, out, err = _main(args, capsys)
+    monkeypatch.undo()
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write"), err
+    assert "results.sqlite" in lines[0] and "disk is full" in lines[0] and "kept" in lines[0]
+    assert len(_records(tmp_path / "runs")) == 2  # the two batches committed before the disk filled up
+    code, out, err = _main(args, capsys)
+    assert code == 0, err
+    assert "2 evaluated now, 2 already in the store" in out
+
+
+def _foreign_runs(path):
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE runs (name TEXT)")
+
+
+def _other_tables(path):
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE people (name TEXT)")
+
+
+def _word_schema(path):
+    with ResultsStore(path.parent):
+        pass
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value='one' WHERE key='schema'")
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_foreign_runs, "not a dynrobust results store (it has no dynrobust meta table; tables: runs)"),
+        (_other_tables, "not a dynrobust results store (it has no dynrobust meta table; tables: people)"),
+        (_word_schema, "not a dynrobust results store (its schema 'one' is not a dynrobust schema version)"),
+    ],
+)
+def test_an_sqlite_file_that_is_not_a_store_is_refused_untouched(data, tmp_path, capsys, make, message):
+    out = tmp_path / "runs"
+    out.mkdir()
+    make(out / "results.sqlite")
+    with sqlite3.connect(out / "results.sqlite") as db:
+        before = db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()
+    code, _, err = _main(["eval", "--model", MODEL, "--weights", data["weights"], "--imagenet-c", data["flat"],
+                          "-c", "fog", "-s", "1", "-q", "--out", out], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"error: {out / 'results.sqlite'} is {message}", err
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("SELECT type, name, sql FROM sqlite_master").fetchall() == before
+
+
+def test_a_store_that_cannot_be_opened_is_not_called_foreign(data, tmp_path, capsys):
+    (tmp_path / "runs" / "results.sqlite").mkdir(parents=True)  # SQLite cannot open it, whatever it holds
+    code, _, err = _main(["eval", "--model", MODEL, "--weights", data["weights"], "--imagenet-c", data["flat"],
+                          "-c", "fog", "-s", "1", "-q", "--out", tmp_path / "runs"], capsys)
+    assert code == 1
+    assert err.startswith(f"error: cannot open {tmp_path / 'runs' / 'results.sqlite'}: unable to open"), err
+    assert "not a dynrobust results store" not in err

@@ -106,10 +106,14 @@ def test_cli_writes_the_figure_and_numbers(photo, tmp_path, capsys):
         (["--model", "resnet18", "{photo}", "--corruption", "haze"], "unknown corruption"),
         (["--model", "resnet18", "{photo}", "--severity", "0"], "severity"),
         (["--model", "resnet18"], "give at least one IMAGE"),
+        # worded for features, which has no --dataset option and no spectrum
+        (["--model", "resnet18", "{tmp}"], "is a folder, not an image: give image files"),
+        (["--model", "resnet18", "{tmp}/dot.png"], "the image is 1x1 px; a feature map needs at least 32 px"),
     ],
 )
 def test_bad_input_is_one_error_line(photo, tmp_path, capsys, args, message):
     (tmp_path / "text.jpg").write_text("hello")
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
     filled = [a.format(photo=photo, tmp=tmp_path) for a in args]
     code, out, err = run_cli(filled + ["--out", tmp_path / "out", "-q"], capsys)
     assert code == 1

@@ -472,6 +472,9 @@ def test_cli_percent_and_accuracy_columns(tmp_path):
         ("corruption,severity,top1_err\nfog,1,0.5\nfog,1,0.4\n", "repeated"),
         ('corruption,severity,top1_err\n"fog,1,0.5\n', "not a readable CSV"),
         ("corruption,severity,top1_err\n", "no rows"),
+        ("corruption,severity,top1_err\nclean,0,0.25\n", "no corruption rows, only the clean one"),
+        ("corruption,severity,top1_err,top1_acc\nfog,1,0.5,0.5\nfog,2,0.3,0.6\n",
+         "top1_err and top1_acc disagree in 1 row(s), e.g. fog 2: top1_err 0.3 and top1_acc 0.6 do not add up to 1"),
     ],
 )
 def test_cli_bad_input_is_one_clear_error(tmp_path, content, message):
@@ -493,6 +496,23 @@ def test_cli_directory_and_bad_clean_error(tmp_path):
     errors = _write(_one(), tmp_path / "one.csv")
     result = _invoke(errors, "--clean-err", "23.85")
     assert result.exit_code == 1 and "--clean-err must be a fraction" in str(result.exception)
+
+
+def test_clean_row_and_clean_err_must_agree(tmp_path):
+    errors = _write(_one(), tmp_path / "one.csv")
+    with_clean = tmp_path / "with_clean.csv"
+    with_clean.write_text(errors.read_text() + "clean,0,0.25\n")
+    result = _invoke(with_clean, "--clean-err", "0.3")
+    assert result.exit_code == 1 and isinstance(result.exception, DynrobustError)
+    assert f"--clean-err 0.3 disagrees with the clean row of {with_clean} (0.25)" in str(result.exception)
+    assert _invoke(with_clean, "--clean-err", "0.25").exit_code == 0  # the same number twice is fine
+
+
+def test_err_and_acc_columns_that_agree_are_accepted(tmp_path):
+    path = tmp_path / "both.csv"
+    path.write_text("corruption,severity,top1_err,top1_acc\nfog,1,23.45,76.55\nfog,2,30,70\n")
+    result = _invoke(path, "--percent", "--format", "json")
+    assert result.exit_code == 0, result.output
 
 
 def test_console_script_bad_file_exits_1_without_traceback(tmp_path):

@@ -342,7 +342,7 @@ def test_mismatch_names_missing_unexpected_and_shape(tmp_path, source):
     assert "1 missing key" in message and "layer2.0.conv1.weight" in message
     assert "1 unexpected key" in message and "extra.weight" in message
     assert "1 shape mismatch" in message and "fc.weight [10, 2048] vs [1000, 2048]" in message
-    assert "num_classes" in message  # the hint
+    assert "hint: the checkpoint's classifier has 10 classes, the model's 1000: dynrobust evaluates ImageNet's" in message
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # strict failure changes nothing
 
     with pytest.raises(DynrobustError, match="extra.weight"):
@@ -369,7 +369,20 @@ def test_long_mismatch_lists_are_cut_with_counts(tmp_path):
         load_weights(small, path)
     message = str(raised.value)
     assert f"{len(extra)} unexpected keys" in message
-    assert f"... and {len(extra) - 8} more" in message
+    assert f"... and {len(extra) - 3} more" in message
+    assert max(map(len, message.splitlines())) < 200
+
+
+def test_no_class_count_hint_when_the_counts_agree(tmp_path):
+    # resnet50's classifier (1000 x 2048) into resnet18 (1000 x 512): the widths differ, not the classes
+    model = create_model("resnet18")
+    state = {**model.state_dict(), "fc.weight": torch.zeros(1000, 2048)}
+    torch.save(state, tmp_path / "wide_fc.pth")
+    with pytest.raises(DynrobustError) as raised:
+        load_weights(model, tmp_path / "wide_fc.pth")
+    message = str(raised.value)
+    assert "fc.weight [1000, 2048] vs [1000, 512]" in message
+    assert "classes" not in message and "num_classes" not in message
 
 
 class ConfigObject:

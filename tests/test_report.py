@@ -337,14 +337,18 @@ def run_report(args, capsys):
         (["{store}", "--baseline", "resnet50", "--models", "resnet50"], "is the baseline itself"),
         (["{store}", "--baseline", "resnet50", "--bootstrap", "5"], "at least 100"),
         (["{store}", "--baseline", "resnet50", "--level", "1.5"], "--level"),
+        (["{store}", "--baseline", "resnet50", "--seed", "-1"], "--seed must be"),
         (["{tmp}/missing", "--baseline", "resnet50"], "does not exist"),
         (["{tmp}/empty", "--baseline", "resnet50"], "holds no results.sqlite"),
         (["{tmp}/text.sqlite", "--baseline", "resnet50"], "not a dynrobust results store"),
         (["{tmp}/other.sqlite", "--baseline", "resnet50"], "not a dynrobust results store"),
+        (["{tmp}/foreign-runs.sqlite", "--baseline", "resnet50"], "not a dynrobust results store (its runs table"),
+        (["{tmp}/word-schema", "--baseline", "resnet50"], "not a dynrobust results store (its schema 'one'"),
         (["{tmp}/single", "--baseline", "resnet50"], "only the baseline"),
         (["{tmp}/twice", "--baseline", "resnet50"], "2 runs of resnet50"),
         (["{tmp}/disjoint", "--baseline", "resnet50"], "share no"),
         (["{tmp}/clean-only", "--baseline", "resnet50"], "no corrupted images"),
+        (["{tmp}/no-records", "--baseline", "resnet50"], "--baseline resnet50: its run in {tmp}/no-records/results.sqlite has no records"),
     ],
 )
 def test_bad_input_is_one_error_line(store_dir, tmp_path, capsys, args, message):
@@ -352,6 +356,12 @@ def test_bad_input_is_one_error_line(store_dir, tmp_path, capsys, args, message)
     (tmp_path / "text.sqlite").write_text("not a database at all " * 100)
     with sqlite3.connect(tmp_path / "other.sqlite") as db:
         db.execute("CREATE TABLE t (x)")
+    with sqlite3.connect(tmp_path / "foreign-runs.sqlite") as db:  # dynrobust's table names, not its columns
+        db.executescript("CREATE TABLE meta (key, value); INSERT INTO meta VALUES ('schema', '1');"
+                         " CREATE TABLE runs (x); CREATE TABLE records (x); CREATE TABLE bad_images (x);")
+    add_run(tmp_path / "word-schema", "resnet50", "a", lambda c, s: 0.5, 1, corruptions=("fog",), severities=(1,))
+    with sqlite3.connect(tmp_path / "word-schema" / "results.sqlite") as db:
+        db.execute("UPDATE meta SET value='one' WHERE key='schema'")
     add_run(tmp_path / "single", "resnet50", "a", lambda c, s: 0.5, 1, corruptions=("fog",), severities=(1,))
     add_run(tmp_path / "twice", "resnet50", "a", lambda c, s: 0.5, 1, corruptions=("fog",), severities=(1,),
             weights="x/first.pth")
@@ -363,7 +373,11 @@ def test_bad_input_is_one_error_line(store_dir, tmp_path, capsys, args, message)
             ids=["n01440764/b.JPEG"])
     add_run(tmp_path / "clean-only", "resnet50", "a", lambda c, s: 0.5, 1, corruptions=(), severities=())
     add_run(tmp_path / "clean-only", "resnet26", "b", lambda c, s: 0.5, 1, corruptions=(), severities=())
+    add_run(tmp_path / "no-records", "resnet26", "b", lambda c, s: 0.5, 1, corruptions=("fog",), severities=(1,))
+    with ResultsStore(tmp_path / "no-records") as store:  # an evaluation stopped before its first batch
+        store.open_run(RunIdentity("resnet50", "a", PREPROCESSING), None, {"device": "cpu"})
     filled = [a.format(store=store_dir, tmp=tmp_path) for a in args]
+    message = message.format(tmp=tmp_path)
     code, out, err = run_report(filled + ["--out", tmp_path / "out", "-q"], capsys)
     assert code == 1
     lines = err.strip().splitlines()

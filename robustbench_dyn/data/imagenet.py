@@ -51,6 +51,15 @@ def labelled_images(folder, limit: int | None = None) -> list:
     not ImageNet wnids.
     """
     sources = list_source_images(folder)
+    check_wnid_folders(folder, sources)
+    index = _wnid_index()
+    chosen = select_class_balanced(sources, limit)
+    return [LabelledImage(s.image_id, s.path, index[s.wnid]) for s in chosen]
+
+
+def check_wnid_folders(folder, sources) -> None:
+    """Raise DynrobustError unless every class folder of ``sources`` (images of ``folder``, from
+    ``list_source_images``) is named by an ImageNet wnid: the labels are read from those names."""
     index = _wnid_index()
     unknown = sorted({s.wnid for s in sources if s.wnid not in index})
     if unknown:
@@ -58,8 +67,6 @@ def labelled_images(folder, limit: int | None = None) -> list:
         raise DynrobustError(
             f"{folder}: class folders must be named by ImageNet wnids (e.g. n01440764); found {shown}"
         )
-    chosen = select_class_balanced(sources, limit)
-    return [LabelledImage(s.image_id, s.path, index[s.wnid]) for s in chosen]
 
 
 def locate_imagenet_c(root, corruptions, severities) -> dict:
@@ -74,17 +81,24 @@ def locate_imagenet_c(root, corruptions, severities) -> dict:
         raise DynrobustError(f"ImageNet-C folder {root} does not exist")
     if not root.is_dir():
         raise DynrobustError(f"ImageNet-C path {root} is not a folder")
-    found = {}
-    children = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    sources = {}  # corruption -> every folder of that name, flat or nested
+    children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for child in children:
         if child.name in CORRUPTION_NAMES:
-            found.setdefault(child.name, child)
-    for child in children:  # nested layout: <root>/<category>/<corruption>
-        if child.name in CORRUPTION_NAMES:
+            sources.setdefault(child.name, []).append(child)
             continue
-        for grandchild in child.iterdir():
+        for grandchild in sorted(child.iterdir()):  # nested layout: <root>/<category>/<corruption>
             if grandchild.is_dir() and grandchild.name in CORRUPTION_NAMES:
-                found.setdefault(grandchild.name, grandchild)
+                sources.setdefault(grandchild.name, []).append(grandchild)
+    twice = {c: sources[c] for c in corruptions if len(sources.get(c, ())) > 1}
+    if twice:
+        corruption, folders = next(iter(twice.items()))
+        more = f" (and {len(twice) - 1} more corruption(s) likewise)" if len(twice) > 1 else ""
+        raise DynrobustError(
+            f"{root} holds {corruption} twice: {', '.join(str(f) for f in folders)}{more}; "
+            "keep one, or give the folder of one of them as --imagenet-c"
+        )
+    found = {name: folders[0] for name, folders in sources.items()}
     if not found:
         raise DynrobustError(
             f"{root} is not an ImageNet-C folder: expected <root>/<corruption>/<severity>/<wnid>/<image> "

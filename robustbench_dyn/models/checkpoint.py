@@ -40,6 +40,7 @@ WRAPPER_KEYS_EMA = ("state_dict_ema", "state_dict", "model", "module")
 # Prefixes that wrap every key of a model: DataParallel/DDP, then torch.compile's OptimizedModule.
 _WHOLE_MODEL_PREFIXES = ("module.", "_orig_mod.")
 _SHOWN = 8  # entries of each key list an error message shows before "... and N more"
+_SHOWN_PER_KIND = 3  # missing keys, unexpected keys, shape mismatches: each one line of a mismatch message
 
 
 def _checked_file(path: PathLike) -> Path:
@@ -196,10 +197,10 @@ class WeightsMismatch:
     def describe(self) -> str:
         """One line per kind of mismatch, each list cut after a few entries with the total count."""
 
-        def listed(items):
+        def listed(items):  # a few, so that each kind stays one readable line
             items = list(items)
-            shown = ", ".join(items[:_SHOWN])
-            return shown + (f", ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else "")
+            shown = ", ".join(items[:_SHOWN_PER_KIND])
+            return shown + (f", ... and {len(items) - _SHOWN_PER_KIND} more" if len(items) > _SHOWN_PER_KIND else "")
 
         def count(n, word):
             return f"{n} {word}{'' if n == 1 else 'es' if word.endswith('h') else 's'}"
@@ -244,8 +245,11 @@ def load_weights(model: torch.nn.Module, path: PathLike, strict: bool = True, *,
     name = config.name if config is not None else type(model).__name__
     if mismatch:
         text = mismatch.describe()
-        if any(k == "fc.weight" for k, _, _ in mismatch.shape_mismatches):
-            text += f"\n  hint: the checkpoint's classifier has {state['fc.weight'].shape[0]} classes; pass num_classes to match"
+        classes = {k: (ckpt[0], own[0]) for k, ckpt, own in mismatch.shape_mismatches}.get("fc.weight")
+        if classes and classes[0] != classes[1]:
+            text += f"\n  hint: the checkpoint's classifier has {classes[0]} classes, the model's {classes[1]}: "
+            text += ("dynrobust evaluates ImageNet's 1000 classes; give a checkpoint trained on ImageNet-1k"
+                     if classes[1] == 1000 else f"build the model with num_classes={classes[0]} to match")
         if len(mismatch.missing_keys) == len(model.state_dict()) or not (set(state) & set(model.state_dict())):
             text += "\n  hint: no key matches: is this a checkpoint of another architecture?"
         if strict:

@@ -94,17 +94,22 @@ def _label_runs(rows: list) -> list:
     return rows
 
 
+def _store_runs(store_files):
+    """(store file, run row, whether it has records) of every run of ``store_files``, read-only."""
+    for path in store_files:
+        with ResultsStore.open_existing(path) as store:
+            runs = store.runs()
+            counts = store.record_counts()
+        for row in runs.itertuples():
+            yield path, row, bool(counts.get(row.run_id))
+
+
 def load_runs(store_files) -> list:
     """Every run with at least one record in ``store_files``, merged by run key, labelled; sorted by
     start time. Stores are opened read-only. Raises DynrobustError when none holds a record."""
     merged = {}
-    for path in store_files:
-        with ResultsStore.open_existing(path) as store:
-            runs = store.runs()
-            counts = dict(store.db.execute("SELECT run_id, COUNT(*) FROM records GROUP BY run_id").fetchall())
-        for row in runs.itertuples():
-            if not counts.get(row.run_id):
-                continue
+    for path, row, has_records in _store_runs(store_files):
+        if has_records:
             entry = merged.setdefault(row.run_key, {
                 "model": row.model, "run_key": row.run_key, "weights": row.weights,
                 "weights_sha256": row.weights_sha256, "preprocessing": row.preprocessing,
@@ -122,9 +127,21 @@ def load_runs(store_files) -> list:
     return [Run(**{**row, "sources": tuple(row["sources"])}) for row in _label_runs(rows)]
 
 
-def resolve_run(spec: str, runs: list, option: str = "--baseline") -> Run:
+def runs_without_records(store_files) -> dict:
+    """{model: [store files]} of the runs in ``store_files`` that have no record yet (an evaluation
+    stopped before its first batch was committed); :func:`load_runs` leaves them out."""
+    empty = {}
+    for path, row, has_records in _store_runs(store_files):
+        if not has_records:
+            empty.setdefault(row.model, []).append(str(path))
+    return empty
+
+
+def resolve_run(spec: str, runs: list, option: str = "--baseline", without_records=None) -> Run:
     """Find the run ``spec`` names: a run label, a model name that only one run has, or a prefix
-    (8+ hex digits) of a run key. Raises DynrobustError listing the runs when none or several match."""
+    (8+ hex digits) of a run key. Raises DynrobustError listing the runs when none or several match,
+    or saying that the run has no records when ``spec`` is a model of ``without_records``
+    (from :func:`runs_without_records`)."""
     spec = str(spec).strip()
     listing = "; ".join(f"{r.label} (run key {r.run_key[:12]})" for r in runs)
     for run in runs:
@@ -142,6 +159,12 @@ def resolve_run(spec: str, runs: list, option: str = "--baseline") -> Run:
         keyed = [r for r in runs if r.run_key.startswith(spec.lower())]
         if len(keyed) == 1:
             return keyed[0]
+    if spec in (without_records or {}):
+        raise DynrobustError(
+            f"{option} {spec}: its run in {', '.join(without_records[spec])} has no records (its evaluation "
+            f"stopped before the first batch was saved); run the same `dynrobust eval --model {spec} ...` again "
+            "to evaluate it"
+        )
     close = difflib.get_close_matches(spec, [r.label for r in runs], n=2, cutoff=0.6)
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
     raise DynrobustError(f"{option} {spec}: no such model or run in the stores.{hint} Runs: {listing}")

@@ -31,6 +31,7 @@ from robustbench_dyn.report.runs import (
     resolve_run,
     run_bad_images,
     run_outcomes,
+    runs_without_records,
 )
 
 _ORDER = {name: i for i, name in enumerate((CLEAN_CELL,) + CORRUPTION_NAMES)}
@@ -152,14 +153,17 @@ def compute_report(
         raise DynrobustError(f"--bootstrap must be at least 100 replicates, got {n_boot!r}")
     if not 0.5 <= float(level) < 1.0:
         raise DynrobustError(f"--level must be a fraction in [0.5, 1), e.g. 0.95; got {level!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:  # numpy's generators take no negative seed
+        raise DynrobustError(f"--seed must be a whole number, 0 or more; got {seed!r}")
     stores = find_stores(sources)
     runs = load_runs(stores)
-    base_run = resolve_run(baseline, runs, "--baseline")
+    without_records = runs_without_records(stores)
+    base_run = resolve_run(baseline, runs, "--baseline", without_records)
     wanted = _split_specs(models)
     if wanted:
         chosen = []
         for spec in wanted:
-            run = resolve_run(spec, runs, "--models")
+            run = resolve_run(spec, runs, "--models", without_records)
             if run.run_key == base_run.run_key:
                 raise DynrobustError(f"--models {spec} is the baseline itself; compare other runs with it")
             if run not in chosen:

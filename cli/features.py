@@ -72,4 +72,7 @@ def features_command(images, model_name, weights, layer, corruptions, severity, 
         version = "clean" if row.corruption == "clean" else f"{row.corruption} s{row.severity}"
         click.echo(f"  {Path(row.image).name:<28} {version:<24} {row.height}x{row.width}  mean {row.mean_abs_activation:.4g}"
                    f"  max {row.max_abs_activation:.4g}  correlation with clean {row.correlation_with_clean:.3f}")
+    if result.summary["correlation_with_clean"].isna().any():
+        click.echo("  nan: the map or its clean one is uniform (a 1x1 map, e.g. after pooling), so the correlation "
+                   "is undefined")
     click.echo(f"wrote {', '.join(str(p) for p in plots)}, {out / SUMMARY_CSV}, {out / MAPS_NPZ}")

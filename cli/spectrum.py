@@ -26,6 +26,8 @@ def render_summary(summary) -> str:
             version = "clean" if row.corruption == "clean" else f"{row.corruption} s{row.severity}"
             lines.append(f"  {version:<24} {100 * row.high_share:>17.3f} {row.high_share_ratio:>8.2f} "
                          f"{row.low_power_ratio:>23.3f} {row.dc_ratio:>10.4f}")
+        if group[["high_share_ratio", "low_power_ratio", "dc_ratio"]].isna().to_numpy().any():
+            lines.append("  nan: the clean version has no power there (a uniform image), so the ratio is undefined")
     return "\n".join(lines)
 
 

@@ -196,6 +196,9 @@ def evaluate(
 
     started = time.perf_counter()
     _check_options(batch_size, limit, workers, device)
+    if not jpeg_round_trip and not on_the_fly:
+        raise DynrobustError("--no-jpeg applies to --on-the-fly only: the files of an ImageNet-C tree, and the clean "
+                             "images, are evaluated as they are stored")
     config = model_config(model_name).preprocessing
     if workers is None:
         workers = 0 if device == "cpu" else min(8, os.cpu_count() or 1)

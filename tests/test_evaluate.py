@@ -196,6 +196,7 @@ def test_no_weights_says_so_loudly(data, tmp_path):
         (["--limit", "0"], "--limit"),
         (["--device", "tpu"], "--device"),
         (["--batch-size", "0"], "--batch-size"),
+        (["--no-jpeg"], "--no-jpeg applies to --on-the-fly only"),
     ],
 )
 def test_user_errors_are_one_clear_line(data, tmp_path, args, message):

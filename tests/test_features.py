@@ -93,6 +93,16 @@ def test_cli_writes_the_figure_and_numbers(photo, tmp_path, capsys):
     maps = np.load(tmp_path / "features.npz")
     assert maps["image0_clean"].shape == (14, 14)
     assert float(maps["image0_shot_noise"].mean()) == pytest.approx(summary["mean_abs_activation"].iloc[1], rel=1e-5)
+    assert "correlation is undefined" not in out
+
+
+def test_cli_explains_an_undefined_correlation(photo, tmp_path, capsys):
+    # avgpool's map is 1x1: its correlation with the clean map is 0/0, and the output says why
+    code, out, err = run_cli(["--model", "resnet18", "--layer", "avgpool", photo, "--corruption", "shot_noise",
+                              "--out", tmp_path, "-q"], capsys)
+    assert code == 0, err
+    assert pd.isna(pd.read_csv(tmp_path / "features.csv")["correlation_with_clean"].iloc[1])
+    assert "nan: the map or its clean one is uniform (a 1x1 map, e.g. after pooling)" in out
 
 
 @pytest.mark.parametrize(

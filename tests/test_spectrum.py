@@ -201,6 +201,21 @@ def test_cli_writes_csv_plot_and_summary(tmp_path, capsys):
     assert ET.parse(tmp_path / "out" / "spectrum.svg").getroot().tag.endswith("svg")
 
 
+def test_cli_explains_the_nan_ratios_of_a_uniform_image(tmp_path, capsys):
+    # An all-black image has no power at all: its ratios to clean are 0/0. The table says why, and
+    # only then (the photo's table has no such line).
+    Image.new("RGB", (40, 40)).save(tmp_path / "black.png")
+    code, out, err = run_cli(["spectrum", tmp_path / "black.png", "--preprocess", "none", "-c", "gaussian_noise",
+                              "--out", tmp_path / "out", "-q"], capsys)
+    assert code == 0, err
+    summary = pd.read_csv(tmp_path / "out" / "spectrum_summary.csv")
+    assert summary["high_share_ratio"].isna().all()
+    assert "nan: the clean version has no power there (a uniform image)" in out
+    code, out, err = run_cli(["spectrum", sample_images()[1].path, "-c", "gaussian_noise", "--out", tmp_path / "o2",
+                              "-q"], capsys)
+    assert code == 0 and "no power there" not in out, err
+
+
 def test_cli_dataset_reports_and_skips_bad_files(tmp_path, capsys):
     root = write_sample_dataset(tmp_path / "clean")
     wnid = sample_images()[0].wnid

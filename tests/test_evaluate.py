@@ -156,9 +156,11 @@ def test_bad_images_are_counted_and_strict_stops_keeping_the_work(data, tmp_path
     broken = tree / "fog" / "3" / "n07920052" / "zz_broken.JPEG"  # the last class: after every good image
     broken.write_bytes(b"")
     (tree / "fog" / "3" / "n07920052" / "zz_text.JPEG").write_text("not an image")
+    (tree / "fog" / "3" / "n07920052" / "zz_wz_gone.JPEG").symlink_to(tmp_path / "nowhere.JPEG")  # a dangling link
     result = _eval("--weights", data["weights"], "--imagenet-c", tree, "-c", "fog", "-s", "3", "--out", tmp_path / "a")
     assert result.exit_code == 0, result.output
-    assert "2 bad" in result.stdout and "zz_broken.JPEG" in result.stdout and "empty" in result.stdout
+    assert "3 bad" in result.stdout and "zz_broken.JPEG" in result.stdout and "empty" in result.stdout
+    assert "zz_wz_gone.JPEG" in result.stdout
     assert len(_records(tmp_path / "a")) == 4
 
     result = CliRunner().invoke(app, ["eval", "--model", MODEL, "--weights", str(data["weights"]), "--imagenet-c", str(tree),

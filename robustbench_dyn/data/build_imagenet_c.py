@@ -183,7 +183,8 @@ def list_source_images(src) -> list:
     for class_dir in class_dirs:
         by_output = {}
         try:
-            files = sorted(e.name for e in os.scandir(class_dir.path) if e.is_file())
+            # a link whose target is gone is kept, to be reported as a bad image rather than skipped
+            files = sorted(e.name for e in os.scandir(class_dir.path) if e.is_file() or e.is_symlink())
         except OSError as exc:
             reason = exc.strerror or exc
             raise DynrobustError(f"cannot read class folder {class_dir.path}: {reason}") from None

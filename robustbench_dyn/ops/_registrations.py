@@ -75,6 +75,11 @@ def _involution_backward(ctx, grad_out):
 # has a term per pair of its three factors; 'add' is involution's case with the filter cf + sf (its
 # grad_cf and grad_sf depend on neither filter). Each call is the op itself, so third derivatives
 # follow too.
+def _add(total, term):
+    """total + term, where a None total is zero."""
+    return term if total is None else total + term
+
+
 def _ddf_backward_setup(ctx, inputs, output):
     grad_out, x, channel_filter, spatial_filter, kernel_size, dilation, stride, combine, head = inputs
     ctx.save_for_backward(grad_out, x, channel_filter, spatial_filter)
@@ -87,10 +92,6 @@ def _ddf_double_backward(ctx, gg_x, gg_cf, gg_sf):
     f = lambda x_, cf_, sf_: torch.ops.dynrobust.ddf(x_, cf_, sf_, *args)  # noqa: E731
     b = lambda x_, cf_, sf_: torch.ops.dynrobust.ddf_backward(go, x_, cf_, sf_, *args)  # noqa: E731
     d_go = d_x = d_cf = d_sf = None
-
-    def add(total, term):
-        return term if total is None else total + term
-
     if gg_x is not None:
         _, d_cf, d_sf = b(gg_x, cf, sf)
         d_go = f(gg_x, cf, sf)
@@ -98,17 +99,17 @@ def _ddf_double_backward(ctx, gg_x, gg_cf, gg_sf):
         if gg_cf is not None or gg_sf is not None:
             gcf = gg_cf if gg_cf is not None else torch.zeros_like(cf)
             gsf = gg_sf if gg_sf is not None else torch.zeros_like(sf)
-            d_go = add(d_go, f(x, gcf, gsf))
+            d_go = _add(d_go, f(x, gcf, gsf))
             d_x = b(x, gcf, gsf)[0]
     else:
         if gg_cf is not None:
-            d_go = add(d_go, f(x, gg_cf, sf))
+            d_go = _add(d_go, f(x, gg_cf, sf))
             gx, _, gsf = b(x, gg_cf, sf)
-            d_x, d_sf = add(d_x, gx), add(d_sf, gsf)
+            d_x, d_sf = _add(d_x, gx), _add(d_sf, gsf)
         if gg_sf is not None:
-            d_go = add(d_go, f(x, cf, gg_sf))
+            d_go = _add(d_go, f(x, cf, gg_sf))
             gx, gcf, _ = b(x, cf, gg_sf)
-            d_x, d_cf = add(d_x, gx), add(d_cf, gcf)
+            d_x, d_cf = _add(d_x, gx), _add(d_cf, gcf)
     return d_go, d_x, d_cf, d_sf, None, None, None, None, None
 
 
@@ -125,8 +126,7 @@ def _involution_double_backward(ctx, gg_x, gg_kernel):
         d_go = torch.ops.dynrobust.involution(gg_x, kernel, *ctx.args)
         d_kernel = torch.ops.dynrobust.involution_backward(go, gg_x, kernel, *ctx.args)[1]
     if gg_kernel is not None:
-        term = torch.ops.dynrobust.involution(x, gg_kernel, *ctx.args)
-        d_go = term if d_go is None else d_go + term
+        d_go = _add(d_go, torch.ops.dynrobust.involution(x, gg_kernel, *ctx.args))
         d_x = torch.ops.dynrobust.involution_backward(go, x, gg_kernel, *ctx.args)[0]
     return d_go, d_x, d_kernel, None, None, None
 

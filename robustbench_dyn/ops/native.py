@@ -217,8 +217,7 @@ def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -
                 # take it for up to date
                 library.unlink(missing_ok=True)
             except OSError as exc:
-                raise OpsBuildError(f"cannot write the ops cache {folder}: {exc.strerror or exc}; set "
-                                    f"{ENV_CACHE} to a writable folder") from None
+                raise _cache_error(folder, exc) from None
             if not quiet:
                 print(f"dynrobust: compiling the native ops{' with CUDA' if with_cuda else ''} into {folder} "
                       "(once per source, torch version and machine; about a minute)", file=sys.stderr, flush=True)
@@ -239,10 +238,14 @@ def _digest_file(library: Path) -> Path:
     return library.with_name(library.name + ".sha256")
 
 
+def _sha256(library: Path) -> str:
+    return hashlib.sha256(library.read_bytes()).hexdigest()
+
+
 def _intact(library: Path) -> bool:
     """True if ``library`` exists and matches the digest written when it was built."""
     try:
-        return _digest_file(library).read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+        return _digest_file(library).read_text().strip() == _sha256(library)
     except OSError:
         return False
 
@@ -250,11 +253,15 @@ def _intact(library: Path) -> bool:
 def _write_digest(library: Path):
     temporary = _digest_file(library).with_suffix(f".{os.getpid()}.tmp")
     try:
-        temporary.write_text(hashlib.sha256(library.read_bytes()).hexdigest() + "\n")
+        temporary.write_text(_sha256(library) + "\n")
         temporary.replace(_digest_file(library))
     except OSError as exc:
-        raise OpsBuildError(f"cannot write the ops cache {library.parent}: {exc.strerror or exc}; set "
-                            f"{ENV_CACHE} to a writable folder") from None
+        raise _cache_error(library.parent, exc) from None
+
+
+def _cache_error(folder: Path, exc: OSError) -> OpsBuildError:
+    return OpsBuildError(f"cannot write the ops cache {folder}: {exc.strerror or exc}; set {ENV_CACHE} to a "
+                         "writable folder")
 
 
 def loaded_library() -> Optional[Path]:

@@ -910,14 +910,6 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
   });
 }
 
-// The sum of v's lanes.
-template <typename T>
-inline T lane_total(const typename Simd<T>::V& v) {
-  T sum = 0;
-  for (int l = 0; l < Simd<T>::kLanes; ++l) sum += v[l];
-  return sum;
-}
-
 // Makes the compiler hold v in a vector register from here on: it cannot see through the empty asm,
 // so it cannot fold v's load into each instruction that uses it (one load per use). GCC on x86
 // only (a no-op elsewhere).
@@ -1058,6 +1050,13 @@ void backward_spatial_nhwc_taps(const T* GO, const T* X, T* GSF, const FilterGeo
   });
 }
 
+// The sum of v's lanes.
+template <typename T>
+inline T lane_total(const typename Simd<T>::V& v) {
+  T sum = 0;
+  for (int l = 0; l < Simd<T>::kLanes; ++l) sum += v[l];
+  return sum;
+}
 
 // Both filter gradients of P output pixels (1, or 2 neighbours of a row), one group and a chunk of
 // NT taps, in one pass over the group's channel vectors: u = grad_out * input at the tap is summed

@@ -195,7 +195,8 @@ class WeightsMismatch:
         return bool(self.missing_keys or self.unexpected_keys or self.shape_mismatches)
 
     def describe(self) -> str:
-        """One line per kind of mismatch, each list cut after a few entries with the total count."""
+        """One line per kind of mismatch (shape mismatches one per line), each list cut after a few
+        entries with the total count."""
 
         def listed(items):  # a few, so that each kind stays one readable line
             items = list(items)
@@ -212,9 +213,12 @@ class WeightsMismatch:
         if self.unexpected_keys:
             lines.append(f"{count(len(self.unexpected_keys), 'unexpected key')} (in the checkpoint, not in the model): "
                          + listed(self.unexpected_keys))
-        if self.shape_mismatches:
-            lines.append(f"{count(len(self.shape_mismatches), 'shape mismatch')} (checkpoint vs model): " + listed(
-                f"{k} {list(ckpt)} vs {list(model)}" for k, ckpt, model in self.shape_mismatches))
+        if self.shape_mismatches:  # each on a line of its own: two shapes make a long entry
+            shown = self.shape_mismatches[:_SHOWN_PER_KIND]
+            more = len(self.shape_mismatches) - len(shown)
+            lines.append(f"{count(len(self.shape_mismatches), 'shape mismatch')} (checkpoint vs model):")
+            lines += [f"  {k} {list(ckpt)} vs {list(model)}" for k, ckpt, model in shown]
+            lines += [f"  ... and {more} more"] if more else []
         return "\n".join("  " + line for line in lines)
 
 

@@ -774,13 +774,25 @@ void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, c
 // row, 49 KB in all, and the lines a pixel shares with its neighbour were gone from L1 by the time
 // the neighbour came; in three sweeps of 3, 3 and 1 kernel rows the backward ran 14-15% faster.
 // With one kernel row per band, 14x14 ran 15-16% faster, 7x7 9-10% and the DDF paper's shape
-// 16-19%; 56x56 (bands of 6 and 1) 1% (RESULTS.md, session 12). DDF's k = 3 needs one sweep.
-constexpr int64_t kL1Budget = 24 * 1024;
+// 16-19% (RESULTS.md, session 12). The budget was 24 KB until session 15 found it too generous:
+// on 56x56 (64 channels, 4 groups) bands of 2, 2, 2, 1 kernel rows instead of 6, 1 took a third
+// less time for grad_x, and the backward was 7-12% faster; on 28x28 bands of 1 instead of 3, 8-17%.
+// The other RedNet stages, and DDF's k = 3 (now 2 or 3 bands at 256 and 512 channels), were no
+// slower.
+constexpr int64_t kL1Budget = 8 * 1024;
 
 inline int64_t grad_x_rows_per_sweep(const FilterGeometry& g, int64_t value_bytes) {
   const int64_t per_row = g.kernel_size * (g.groups * 64 + g.channels * value_bytes);
   return std::clamp<int64_t>(kL1Budget / per_row, 1, g.kernel_size);
 }
+
+// Above this size the ring of transposed SF rows no longer stays in L2 (512 KB per core on the
+// machine measured), each row's transpose pushes the others out, and a band's sweep waits on
+// every new line of weights (in the DDF paper's shape, 16 groups, 300 pixels: 940 KB per SF row,
+// 6.6 MB in the ring): each sweep then prefetches its weight rows a line ahead, and grad_x on that
+// shape took half the time (the backward 26-32% less). On rings that fit, prefetching was no
+// faster on 56x56 and 10% slower on 28x28 (RESULTS.md, session 15).
+constexpr int64_t kL2Budget = 512 * 1024;
 
 template <typename T, Combine mode>
 void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, const FilterGeometry& g) {
@@ -807,11 +819,14 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
   // cache lines, and 14x14 and 28x28 were no faster)
   const int64_t OWp = std::max<int64_t>(OW, Simd<T>::kLanes);
   const int64_t band_rows = grad_x_rows_per_sweep(g, sizeof(T)), bands = (K + band_rows - 1) / band_rows;
+  const int64_t slots = 2 * taps.reach + 1, ring_values = slots * GKK * OWp;
+  constexpr int64_t kLineValues = 64 / sizeof(T);
+  const bool prefetch_ring = ring_values * int64_t(sizeof(T)) > kL2Budget;
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
-    TransposedRows<T> rows(SF, OW, GKK, OWp, 0, 2 * taps.reach + 1);
+    TransposedRows<T> rows(SF, OW, GKK, OWp, 0, slots);
     // input row iy reads SF rows up to iy + reach
     RowsAhead ahead(SF, OW * GKK * int64_t(sizeof(T)), H, OH, 1, taps.reach);
-    std::vector<int64_t> wrow(K), slot(K);
+    std::vector<int64_t> wrow(K), slot(K), line_ahead;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / H, iy = row % H;
       ahead.before(row, end);
@@ -832,8 +847,21 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
         TapWindow bw = win;
         bw.i0 = std::max(i0, band * band_rows), bw.i1 = std::min(i1, (band + 1) * band_rows - 1);
         if (band > 0 && bw.i0 > bw.i1) continue;  // the first band stores (zeros if it has no taps)
+        // prefetch_ring: per weight row of the band (a tap of a group), the value a cache line
+        // ahead of the pixel's, for 1 / kLineValues of the rows at each pixel, so that each row's
+        // next line is asked for once (clamped to the ring: a row's end can point past it)
+        line_ahead.clear();
+        if (prefetch_ring)
+          for (int64_t grp = 0; grp < g.groups; ++grp)
+            for (int64_t i = bw.i0; i <= bw.i1; ++i)
+              for (int64_t j = 0; j < K; ++j)
+                line_ahead.push_back(wrow[i] + j * (OWp - d) + grp * KK * OWp + kLineValues);
+        const int64_t lines = line_ahead.size();
         for (int64_t ix = 0; ix < W; ++ix) {
           ahead.pixel(band * W + ix, bands * W);
+          const int64_t share = ix % kLineValues;
+          for (int64_t n = share * lines / kLineValues; n < (share + 1) * lines / kLineValues; ++n)
+            __builtin_prefetch(ring + std::clamp<int64_t>(line_ahead[n] + ix, 0, ring_values - 1));
           bw.j0 = columns[ix].first, bw.j1 = columns[ix].second;
           const T* go = GO + (q0 + ix) * C;
           T* gx = GX + (row * W + ix) * C;

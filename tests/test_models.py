@@ -385,6 +385,23 @@ def test_no_class_count_hint_when_the_counts_agree(tmp_path):
     assert "classes" not in message and "num_classes" not in message
 
 
+def test_shape_mismatches_one_per_line_cut_after_three(tmp_path):
+    # resnet18's weights into resnet50: 24 tensors of the same name differ in shape; each shown one
+    # has a line of its own (two shapes make a long entry), the rest are counted
+    torch.save(create_model("resnet18").state_dict(), tmp_path / "r18.pth")
+    want = create_model("resnet50").state_dict()
+    with pytest.raises(DynrobustError) as raised:
+        load_weights(create_model("resnet50"), tmp_path / "r18.pth")
+    lines = str(raised.value).splitlines()
+    have = torch.load(tmp_path / "r18.pth", weights_only=True)
+    differ = [k for k in want if k in have and have[k].shape != want[k].shape]
+    head = lines.index(f"  {len(differ)} shape mismatches (checkpoint vs model):")
+    for line, key in zip(lines[head + 1:head + 4], differ):
+        assert line == f"    {key} {list(have[key].shape)} vs {list(want[key].shape)}"
+    assert lines[head + 4] == f"    ... and {len(differ) - 3} more"
+    assert max(map(len, lines)) < 200
+
+
 class ConfigObject:
     """Stands for any custom class an unsafe checkpoint might pickle."""
 

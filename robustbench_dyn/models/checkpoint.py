@@ -198,10 +198,13 @@ class WeightsMismatch:
         """One line per kind of mismatch (shape mismatches one per line), each list cut after a few
         entries with the total count."""
 
-        def listed(items):  # a few, so that each kind stays one readable line
+        def cut(items):  # the first few, and "... and N more" when there are others
             items = list(items)
-            shown = ", ".join(items[:_SHOWN_PER_KIND])
-            return shown + (f", ... and {len(items) - _SHOWN_PER_KIND} more" if len(items) > _SHOWN_PER_KIND else "")
+            more = len(items) - _SHOWN_PER_KIND
+            return items[:_SHOWN_PER_KIND] + ([f"... and {more} more"] if more > 0 else [])
+
+        def listed(items):  # a few, so that each kind stays one readable line
+            return ", ".join(cut(items))
 
         def count(n, word):
             return f"{n} {word}{'' if n == 1 else 'es' if word.endswith('h') else 's'}"
@@ -214,11 +217,9 @@ class WeightsMismatch:
             lines.append(f"{count(len(self.unexpected_keys), 'unexpected key')} (in the checkpoint, not in the model): "
                          + listed(self.unexpected_keys))
         if self.shape_mismatches:  # each on a line of its own: two shapes make a long entry
-            shown = self.shape_mismatches[:_SHOWN_PER_KIND]
-            more = len(self.shape_mismatches) - len(shown)
             lines.append(f"{count(len(self.shape_mismatches), 'shape mismatch')} (checkpoint vs model):")
-            lines += [f"  {k} {list(ckpt)} vs {list(model)}" for k, ckpt, model in shown]
-            lines += [f"  ... and {more} more"] if more else []
+            lines += ["  " + entry for entry in cut(
+                f"{k} {list(ckpt)} vs {list(model)}" for k, ckpt, model in self.shape_mismatches)]
         return "\n".join("  " + line for line in lines)
 
 

@@ -588,6 +588,46 @@ void forward_nhwc_fast(const T* X, const T* CFT, const T* SF, T* out, const Filt
   });
 }
 
+// One L x L tile, dst[j * dst_pitch + i] = src[i * src_pitch + j], of which src holds the first ni
+// rows (the others read as zeros). For float on AVX2 spelled out in intrinsics: rows i and i + 4
+// loaded into the halves of one register, then 8 unpacks and 8 shuffles. From the generic
+// transpose<T> GCC 12 made a permute and a blend per lane swap and kept the rows on the stack; this
+// one made involution's backward 1-7% faster (RESULTS.md, session 16).
+template <typename T>
+inline void transpose_tile(const T* src, int64_t src_pitch, T* dst, int64_t dst_pitch, int64_t ni = Simd<T>::kLanes) {
+  using S = Simd<T>;
+  constexpr int64_t L = S::kLanes;
+#if defined(__AVX__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    auto quad = [&](int64_t i, int64_t j) { return i < ni ? _mm_loadu_ps(src + i * src_pitch + j) : _mm_setzero_ps(); };
+    auto halves = [&](int64_t i, int64_t j) {  // rows i and i + 4, columns j .. j + 3
+      return _mm256_insertf128_ps(_mm256_castps128_ps256(quad(i, j)), quad(i + 4, j), 1);
+    };
+    const __m256 r0 = halves(0, 0), r1 = halves(1, 0), r2 = halves(2, 0), r3 = halves(3, 0);
+    const __m256 r4 = halves(0, 4), r5 = halves(1, 4), r6 = halves(2, 4), r7 = halves(3, 4);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    _mm256_storeu_ps(dst + 0 * dst_pitch, _mm256_shuffle_ps(t0, t2, 0x44));
+    _mm256_storeu_ps(dst + 1 * dst_pitch, _mm256_shuffle_ps(t0, t2, 0xEE));
+    _mm256_storeu_ps(dst + 2 * dst_pitch, _mm256_shuffle_ps(t1, t3, 0x44));
+    _mm256_storeu_ps(dst + 3 * dst_pitch, _mm256_shuffle_ps(t1, t3, 0xEE));
+    _mm256_storeu_ps(dst + 4 * dst_pitch, _mm256_shuffle_ps(t4, t6, 0x44));
+    _mm256_storeu_ps(dst + 5 * dst_pitch, _mm256_shuffle_ps(t4, t6, 0xEE));
+    _mm256_storeu_ps(dst + 6 * dst_pitch, _mm256_shuffle_ps(t5, t7, 0x44));
+    _mm256_storeu_ps(dst + 7 * dst_pitch, _mm256_shuffle_ps(t5, t7, 0xEE));
+    return;
+  }
+#endif
+  typename S::V r[L];
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < L; ++i) r[i] = i < ni ? S::load(src + i * src_pitch) : typename S::V{};
+  transpose<T>(r);
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < L; ++j) S::store(dst + j * dst_pitch, r[j]);
+}
+
 // dst[j * dst_pitch + i] = src[i * src_pitch + j] for i < rows, j < cols, in L x L tiles. dst_room:
 // how many values each row of dst may take from its start; a tile short of rows (ni < L) whose L
 // columns fit there is stored whole, zeros in its extra columns, instead of through partial stores
@@ -604,16 +644,9 @@ void transpose_matrix(const T* src, int64_t src_pitch, int64_t rows, int64_t col
       const int64_t nj = std::min(L, cols - j0);
       typename S::V r[L];
       if (ni == L && nj == L) {
-#pragma GCC unroll 16
-        for (int64_t i = 0; i < L; ++i) r[i] = S::load(src + (i0 + i) * src_pitch + j0);
-        transpose<T>(r);
-#pragma GCC unroll 16
-        for (int64_t j = 0; j < L; ++j) S::store(dst + (j0 + j) * dst_pitch + i0, r[j]);
+        transpose_tile(src + i0 * src_pitch + j0, src_pitch, dst + j0 * dst_pitch + i0, dst_pitch);
       } else if (nj == L && i0 + L <= dst_room) {  // short of rows, stored whole
-        for (int64_t i = 0; i < L; ++i) r[i] = i < ni ? S::load(src + (i0 + i) * src_pitch + j0) : typename S::V{};
-        transpose<T>(r);
-#pragma GCC unroll 16
-        for (int64_t j = 0; j < L; ++j) S::store(dst + (j0 + j) * dst_pitch + i0, r[j]);
+        transpose_tile(src + i0 * src_pitch + j0, src_pitch, dst + j0 * dst_pitch + i0, dst_pitch, ni);
       } else {  // a partial tile, padded with zeros
         for (int64_t i = 0; i < L; ++i) r[i] = i < ni ? S::load(src + (i0 + i) * src_pitch + j0, nj) : typename S::V{};
         transpose<T>(r);
@@ -878,9 +911,14 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
 //     GSF[x, g, t] = sum_c GO^T[c, x] * X^T[y + dy, c, x + dx]
 // from the rows of grad_out and of the input transposed to (C, pixels) (the input's padded with
 // `reach` zeros on either side), so every term is one vector multiply-add, with the group's NCH
-// rows of grad_out held in registers. The KK result vectors are transposed back to (pixel, tap),
-// into a buffer written to GSF by non-temporal stores (as in backward_spatial_nhwc_taps below: the
-// backward on 32x64x56x56 7-15% faster, on the DDF paper's shape no different).
+// rows of grad_out held in registers. A row is swept one group at a time, so that the group's input
+// rows (7 x NCH rows, 28 KB on 56-pixel rows) stay in L1 from block to block; sweeping all groups
+// at each block made involution's backward 5-11% slower on 56x56 maps and 7-10% on the DDF paper's
+// shape (RESULTS.md, session 16), and holding the whole row's results (950 KB on that shape) was
+// no slower than strips of 128 KB. The row's result vectors are then transposed back to (pixel,
+// tap), block by block, into a buffer written to GSF by non-temporal stores (as in
+// backward_spatial_nhwc_taps below: the backward on 32x64x56x56 7-15% faster, on the DDF paper's
+// shape no different).
 template <typename T, int NCH>
 void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterGeometry& g) {
   using S = Simd<T>;
@@ -901,8 +939,9 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
     // per tap, its input row's column reach + dx: divisions by K here would cost as much as the
     // multiply-adds they feed (3 idivs per 64 FMAs)
     std::vector<const T*> tap_base(KK + 3);
-    std::vector<V> sums(GKK);  // per tap of every group, L pixels
-    std::vector<T> block_out(L * GKK);  // the L pixels' results, to be streamed to GSF
+    const int64_t blocks = OWp / L;
+    std::vector<V> sums(blocks * GKK);  // per block of L pixels, per tap of every group
+    std::vector<T> block_out(L * GKK);  // a block's results, to be streamed to GSF
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
       input_ahead.before(row, end), grad_ahead.before(row, end);
@@ -913,9 +952,10 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
         for (int64_t j = 0; j < K; ++j) tap_base[i * K + j] = in + taps.dx[i * K + j] + taps.reach;
       }
       for (int64_t t = KK; t < KK + 3; ++t) tap_base[t] = tap_base[KK - 1];  // the last quad's spare taps
-      for (int64_t x0 = 0; x0 < OW; x0 += L) {
-        input_ahead.pixel(x0 / L, OWp / L), grad_ahead.pixel(x0 / L, OWp / L);
-        for (int64_t grp = 0; grp < G; ++grp) {
+      for (int64_t grp = 0; grp < G; ++grp) {
+        for (int64_t x0 = 0; x0 < OW; x0 += L) {
+          const int64_t step = grp * blocks + x0 / L;
+          input_ahead.pixel(step, G * blocks), grad_ahead.pixel(step, G * blocks);
           V go[NCH];
           for (int c = 0; c < NCH; ++c) go[c] = S::load(go_t + (grp * NCH + c) * OWp + x0);
           const int64_t shift = grp * NCH * Wp + x0;
@@ -926,11 +966,13 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
 #pragma GCC unroll 16
             for (int c = 0; c < NCH; ++c)
               for (int u = 0; u < 4; ++u) acc[u] += go[c] * S::load(xs[u] + c * Wp);
-            for (int u = 0; u < 4 && t0 + u < KK; ++u) sums[grp * KK + t0 + u] = acc[u];
+            for (int u = 0; u < 4 && t0 + u < KK; ++u) sums[x0 / L * GKK + grp * KK + t0 + u] = acc[u];
           }
         }
+      }
+      for (int64_t x0 = 0; x0 < OW; x0 += L) {
         const int64_t n = std::min(L, OW - x0);
-        transpose_matrix(reinterpret_cast<const T*>(sums.data()), L, GKK, n, block_out.data(), GKK);
+        transpose_matrix(reinterpret_cast<const T*>(sums.data() + x0 / L * GKK), L, GKK, n, block_out.data(), GKK);
         S::stream_copy(GSF + (row * OW + x0) * GKK, block_out.data(), n * GKK);
       }
     }

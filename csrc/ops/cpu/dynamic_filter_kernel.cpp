@@ -642,12 +642,12 @@ void transpose_matrix(const T* src, int64_t src_pitch, int64_t rows, int64_t col
     const int64_t ni = std::min(L, rows - i0);
     for (int64_t j0 = 0; j0 < cols; j0 += L) {
       const int64_t nj = std::min(L, cols - j0);
-      typename S::V r[L];
       if (ni == L && nj == L) {
         transpose_tile(src + i0 * src_pitch + j0, src_pitch, dst + j0 * dst_pitch + i0, dst_pitch);
       } else if (nj == L && i0 + L <= dst_room) {  // short of rows, stored whole
         transpose_tile(src + i0 * src_pitch + j0, src_pitch, dst + j0 * dst_pitch + i0, dst_pitch, ni);
       } else {  // a partial tile, padded with zeros
+        typename S::V r[L];
         for (int64_t i = 0; i < L; ++i) r[i] = i < ni ? S::load(src + (i0 + i) * src_pitch + j0, nj) : typename S::V{};
         transpose<T>(r);
         for (int64_t j = 0; j < nj; ++j) S::store(dst + (j0 + j) * dst_pitch + i0, r[j], ni);
@@ -913,9 +913,10 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
 // `reach` zeros on either side), so every term is one vector multiply-add, with the group's NCH
 // rows of grad_out held in registers. A row is swept one group at a time, so that the group's input
 // rows (7 x NCH rows, 28 KB on 56-pixel rows) stay in L1 from block to block; sweeping all groups
-// at each block made involution's backward 5-11% slower on 56x56 maps and 7-10% on the DDF paper's
-// shape (RESULTS.md, session 16), and holding the whole row's results (950 KB on that shape) was
-// no slower than strips of 128 KB. The row's result vectors are then transposed back to (pixel,
+// at each block made this filter gradient 5% slower on 2x64x56x56 and 1x256x50x150 (one thread),
+// and involution's backward 2-5% slower at batch 32 on 56x56 maps and the DDF paper's shape
+// (RESULTS.md, session 16); holding the whole row's results (950 KB on that shape) was no slower
+// than strips of 64-256 KB. The row's result vectors are then transposed back to (pixel,
 // tap), block by block, into a buffer written to GSF by non-temporal stores (as in
 // backward_spatial_nhwc_taps below: the backward on 32x64x56x56 7-15% faster, on the DDF paper's
 // shape no different).
@@ -940,7 +941,7 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
     // multiply-adds they feed (3 idivs per 64 FMAs)
     std::vector<const T*> tap_base(KK + 3);
     const int64_t blocks = OWp / L;
-    std::vector<V> sums(blocks * GKK);  // per block of L pixels, per tap of every group
+    std::vector<V> sums(blocks * GKK);  // per block of L pixels (x0 / L), per tap of every group
     std::vector<T> block_out(L * GKK);  // a block's results, to be streamed to GSF
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
@@ -956,6 +957,7 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
         for (int64_t x0 = 0; x0 < OW; x0 += L) {
           const int64_t step = grp * blocks + x0 / L;
           input_ahead.pixel(step, G * blocks), grad_ahead.pixel(step, G * blocks);
+          V* group_sums = sums.data() + x0 / L * GKK + grp * KK;
           V go[NCH];
           for (int c = 0; c < NCH; ++c) go[c] = S::load(go_t + (grp * NCH + c) * OWp + x0);
           const int64_t shift = grp * NCH * Wp + x0;
@@ -966,7 +968,7 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
 #pragma GCC unroll 16
             for (int c = 0; c < NCH; ++c)
               for (int u = 0; u < 4; ++u) acc[u] += go[c] * S::load(xs[u] + c * Wp);
-            for (int u = 0; u < 4 && t0 + u < KK; ++u) sums[x0 / L * GKK + grp * KK + t0 + u] = acc[u];
+            for (int u = 0; u < 4 && t0 + u < KK; ++u) group_sums[t0 + u] = acc[u];
           }
         }
       }

@@ -1,9 +1,21 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from robustbench_dyn.data.images import resize_center_crop
 from robustbench_dyn.sample import sample_images
+
+
+def pytest_configure(config):
+    # With pytest-xdist (`-n 2`, as the README runs the tests) the workers share the cores: each
+    # runs one torch thread, and so do the commands the tests start. Two OpenMP threads per worker
+    # on 2 cores spin-waited for each other (the second-derivative tests 5 s -> 41 s, the demo
+    # 71 s -> 200 s). Tests of how the kernels split work set their own thread counts.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ The native CPU kernels are built (once per machine) by the first test that needs
 run wherever a GPU is present and skip otherwise.
 """
 
+import errno
 import hashlib
 import itertools
 import json
@@ -13,6 +14,7 @@ import platform
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -704,10 +706,12 @@ def test_a_library_cut_short_is_rebuilt_not_loaded(built, tmp_path, monkeypatch)
     library.parent.mkdir(parents=True)
     library.write_bytes(built.read_bytes()[:1000])
     native._digest_file(library).write_text(hashlib.sha256(built.read_bytes()).hexdigest())
+    (library.parent / "lock").write_text("")  # cpp_extension's lock file, left by a killed build
     compiled, loaded = [], []
 
     def compile_(name_, folder, with_cuda, verbose):
         assert not library.exists()  # removed first, so that ninja links it again
+        assert not (folder / "lock").exists()  # torch before 2.14 would wait for it forever
         compiled.append(name_)
         library.write_bytes(built.read_bytes())
 
@@ -718,6 +722,68 @@ def test_a_library_cut_short_is_rebuilt_not_loaded(built, tmp_path, monkeypatch)
     monkeypatch.setattr(native, "_LOADED", {})
     native.build(quiet=True)  # intact now: loaded without compiling
     assert compiled == [name] and loaded == [str(library)] * 2
+
+
+_RACING_BUILD = """
+import sys, time
+from pathlib import Path
+import torch
+from robustbench_dyn.ops import native
+role, log, real = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+arrived = log.with_name("second-arrived")
+
+def compile_(name, folder, with_cuda, verbose):  # the compiler's part: the real library copied in
+    with log.open("a") as f:
+        f.write(f"start {role}\\n")
+    if role == "first":  # compile until the second process is inside build() too
+        deadline = time.time() + 120
+        while not arrived.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+    (folder / f"{name}.so").write_bytes(real.read_bytes())
+    with log.open("a") as f:
+        f.write(f"end {role}\\n")
+
+native._compile = compile_
+if role == "second":
+    while not log.exists():  # the first process is compiling
+        time.sleep(0.05)
+    arrived.touch()
+print(native.build())
+print(torch.ops.dynrobust.cpu_vector_bytes())
+"""
+
+
+def test_processes_building_at_once_compile_once(built, tmp_path):
+    # Two processes on a fresh cache (one per GPU, say): the second waits for the first's build and
+    # loads its library, instead of deleting it and linking its own under it.
+    env = {**os.environ, native.ENV_CACHE: str(tmp_path / "cache")}
+    log = tmp_path / "log" / "compiles"
+    log.parent.mkdir()
+    runs = [subprocess.Popen([sys.executable, "-c", _RACING_BUILD, role, str(log), str(built)], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for role in ("first", "second")]
+    (out1, err1), (out2, err2) = (run.communicate(timeout=300) for run in runs)
+    assert [run.returncode for run in runs] == [0, 0], err1[-2000:] + err2[-2000:]
+    assert log.read_text() == "start first\nend first\n"
+    assert "waiting for another process that is compiling the native ops" in err2
+    assert "dynrobust: compiling the native ops into" in err1 and "dynrobust: compiling" not in err2
+    library = out1.splitlines()[0]
+    assert out2.splitlines()[0] == library and native._intact(Path(library))
+    assert out1.splitlines()[1] == out2.splitlines()[1] == str(torch.ops.dynrobust.cpu_vector_bytes())
+
+
+def test_a_cache_without_file_locks_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(native, "_LOADED", {})
+
+    def flock(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(native.fcntl, "flock", flock)
+    monkeypatch.setattr(native, "_compile", lambda *args: pytest.fail("compiled without the lock"))
+    with pytest.raises(native.OpsBuildError, match=f"cannot write the ops cache {tmp_path}/ops/.*"
+                                                   f"{os.strerror(errno.ENOLCK)}; set {native.ENV_CACHE}"):
+        native.build(quiet=True)
 
 
 def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):

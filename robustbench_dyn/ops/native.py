@@ -15,6 +15,7 @@ compiled kernels and falls back to the reference with one warning naming the cau
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -210,19 +211,25 @@ def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -
         library = folder / f"{name}.so"
         if not _intact(library):
             _check_toolchain(with_cuda)
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                # a library without a matching digest was cut short (a link killed midway, a full
-                # disk, a partial copy): loading it can crash the process (SIGBUS), and ninja would
-                # take it for up to date
-                library.unlink(missing_ok=True)
-            except OSError as exc:
-                raise _cache_error(folder, exc) from None
-            if not quiet:
-                print(f"dynrobust: compiling the native ops{' with CUDA' if with_cuda else ''} into {folder} "
-                      "(once per source, torch version and machine; about a minute)", file=sys.stderr, flush=True)
-            _compile(name, folder, with_cuda, verbose)
-            _write_digest(library)
+            with _build_lock(folder, quiet):
+                # another process may have built it while this one waited
+                if not _intact(library):
+                    try:
+                        # a library without a matching digest was cut short (a link killed midway, a
+                        # full disk, a partial copy): loading it can crash the process (SIGBUS), and
+                        # ninja would take it for up to date. cpp_extension's own lock file, left by
+                        # a build killed midway, made torch before 2.14 wait for it forever; no
+                        # other build is running now (this process holds the lock).
+                        library.unlink(missing_ok=True)
+                        (folder / "lock").unlink(missing_ok=True)
+                    except OSError as exc:
+                        raise _cache_error(folder, exc) from None
+                    if not quiet:
+                        print(f"dynrobust: compiling the native ops{' with CUDA' if with_cuda else ''} into "
+                              f"{folder} (once per source, torch version and machine; about a minute)",
+                              file=sys.stderr, flush=True)
+                    _compile(name, folder, with_cuda, verbose)
+                    _write_digest(library)
         try:
             torch.ops.load_library(str(library))
         except (OSError, RuntimeError) as exc:
@@ -232,6 +239,38 @@ def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -
         _registrations.register()
         _LOADED[with_cuda] = library
         return library
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path, quiet: bool):
+    """Create ``folder`` and hold an exclusive lock on building into it, across processes.
+
+    Several processes started at once on a fresh cache (one per GPU, a test run with workers)
+    would otherwise delete and link the same library under each other (in the test of this, the
+    second of two processes died of a segmentation fault). The lock is the kernel's
+    (``flock``), so a build that is killed releases it.
+    """
+    lock_file = folder.parent / f"{folder.name}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _cache_error(folder, exc) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not quiet:
+                print(f"dynrobust: waiting for another process that is compiling the native ops into {folder}",
+                      file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:  # a file system without locks
+        os.close(fd)
+        raise _cache_error(folder, exc) from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _digest_file(library: Path) -> Path:

@@ -786,6 +786,15 @@ def test_a_cache_without_file_locks_is_a_clear_error(tmp_path, monkeypatch):
         native.build(quiet=True)
 
 
+def test_a_system_without_flock_cannot_build_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv(native.ENV_CACHE, str(tmp_path))
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(native, "fcntl", None)
+    monkeypatch.setattr(native, "_compile", lambda *args: pytest.fail("compiled without the lock"))
+    with pytest.raises(native.OpsBuildError, match="building the native ops needs a POSIX system"):
+        native.build(quiet=True)
+
+
 def test_an_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

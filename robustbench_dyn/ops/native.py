@@ -15,7 +15,6 @@ compiled kernels and falls back to the reference with one warning naming the cau
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import platform
@@ -31,6 +30,11 @@ from typing import Optional
 import torch
 
 from robustbench_dyn.errors import DynrobustError
+
+try:
+    import fcntl  # builds are locked with flock (POSIX)
+except ImportError:  # Windows: the package imports, the native build says why it cannot run
+    fcntl = None
 
 ENV_BACKEND = "DYNROBUST_OPS"
 ENV_CACHE = "DYNROBUST_CACHE_DIR"
@@ -250,6 +254,9 @@ def _build_lock(folder: Path, quiet: bool):
     second of two processes died of a segmentation fault). The lock is the kernel's
     (``flock``), so a build that is killed releases it.
     """
+    if fcntl is None:
+        raise OpsBuildError("building the native ops needs a POSIX system (Linux, macOS): "
+                            f"{platform.system()} has no flock to serialise builds")
     lock_file = folder.parent / f"{folder.name}.lock"
     try:
         folder.mkdir(parents=True, exist_ok=True)

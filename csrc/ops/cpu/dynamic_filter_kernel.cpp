@@ -797,9 +797,17 @@ void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, c
 
 // grad_x by gathering, stride 1: input pixel q receives grad_out at the output pixels q - (dy, dx)
 // whose taps read it, each weighted by that output pixel's filter (no two tasks write the same
-// value). The weights come from SF's rows transposed to (G*KK, OW), one slot per kernel row: a tap's
-// weights for consecutive pixels are then consecutive (in SF they lie G*KK apart, and each input
-// pixel's taps would touch as many cache lines), and group g's lie KK * OW apart.
+// value). The weights are read where they are in SF when the SF rows that an input row reaches
+// (2 * reach + 1) fit in L2 and rows are longer than a vector: in SF a tap's weights for
+// consecutive pixels lie G*KK apart, each on its own cache line, but within a band of kernel rows
+// (below) those lines are few enough to stay in L1 from pixel to pixel. Otherwise they come from
+// SF's rows transposed to (G*KK, OWp), one slot per kernel row, so that a tap's weights for
+// consecutive pixels are consecutive and group g's lie KK * OWp apart. The ring was the only way
+// until session 17, from before the bands; reading in place then made involution's backward 3.5%
+// faster on 32x64x56x56, 6.5% on 32x128x28x28, 7% on 32x256x14x14 and DDF's 3-14% on 32x64x56x56,
+// where the ring's transposes had been a third of grad_x. It was 5% slower on 7x7 maps, and 40%
+// slower for involution on the DDF paper's shape, whose SF rows (940 KB each) do not fit in L2
+// (RESULTS.md).
 // An input row is swept once per band of kernel rows, the first sweep storing and the others adding
 // to grad_x, with as many kernel rows per band as keep what one pixel reads in L1 (kL1Budget): per
 // kernel row, K weights of each group, each on its own cache line, and K pixels of grad_out. For
@@ -811,8 +819,10 @@ void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, c
 // on 56x56 (64 channels, 4 groups) bands of 2, 2, 2, 1 kernel rows instead of 6, 1 took a third
 // less time for grad_x, and the backward was 7-12% faster; on 28x28 bands of 1 instead of 3, 8-17%.
 // The other RedNet stages, and DDF's k = 3 (now 2 or 3 bands at 256 and 512 channels), were no
-// slower.
-constexpr int64_t kL1Budget = 8 * 1024;
+// slower. Reading the weights in place (session 17), 16 KB did better again: on 56x56 bands of 4, 3
+// made the backward 1-3% faster, on 100x150 (64 channels) 2-5%, on 28x28 (2, 2, 2, 1) 2-3%; DDF's
+// k = 3 (the RedNet stages' channels and the paper's shape) and 7x7 maps were no slower.
+constexpr int64_t kL1Budget = 16 * 1024;
 
 inline int64_t grad_x_rows_per_sweep(const FilterGeometry& g, int64_t value_bytes) {
   const int64_t per_row = g.kernel_size * (g.groups * 64 + g.channels * value_bytes);
@@ -854,26 +864,33 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
   const int64_t band_rows = grad_x_rows_per_sweep(g, sizeof(T)), bands = (K + band_rows - 1) / band_rows;
   const int64_t slots = 2 * taps.reach + 1, ring_values = slots * GKK * OWp;
   constexpr int64_t kLineValues = 64 / sizeof(T);
-  const bool prefetch_ring = ring_values * int64_t(sizeof(T)) > kL2Budget;
+  const bool rows_fit_l2 = ring_values * int64_t(sizeof(T)) <= kL2Budget;
+  const bool in_place = rows_fit_l2 && OW > Simd<T>::kLanes, prefetch_ring = !rows_fit_l2;
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
-    TransposedRows<T> rows(SF, OW, GKK, OWp, 0, slots);
+    std::optional<TransposedRows<T>> rows;
+    if (!in_place) rows.emplace(SF, OW, GKK, OWp, 0, slots);
     // input row iy reads SF rows up to iy + reach
     RowsAhead ahead(SF, OW * GKK * int64_t(sizeof(T)), H, OH, 1, taps.reach);
-    std::vector<int64_t> wrow(K), slot(K), line_ahead;
+    std::vector<int64_t> wrow(K), line_ahead;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / H, iy = row % H;
       ahead.before(row, end);
       int64_t i0 = K, i1 = -1;  // the kernel rows whose output row ny lies inside
       for (int64_t i = 0; i < K; ++i) {
         const int64_t ny = iy - taps.dy[i * K];
-        slot[i] = ny >= 0 && ny < OH ? rows.offset(b * OH + ny, ny) : -1;
-        if (slot[i] >= 0) i0 = std::min(i0, i), i1 = i;
+        const bool inside = ny >= 0 && ny < OH;
+        if (inside) i0 = std::min(i0, i), i1 = i;
+        // tap (i, j)'s weight for output column ox = ix - (j - r) * d sits at
+        //   in SF (from the image's start): (ny * OW + ox) * GKK + i * K + j,
+        //   in the ring: (the row's slot) + (i * K + j) * OWp + ox
+        // so from the pixel's own weights (SF + ix * GKK, or the ring + ix), at wrow[i] plus j times
+        // the window's column step (1 - d * GKK, or OWp - d)
+        if (in_place) wrow[i] = (ny * OW + r * d) * GKK + i * K;
+        else wrow[i] = (inside ? rows->offset(b * OH + ny, ny) : 0) + i * K * OWp + r * d;
       }
-      // tap (i, j)'s weight for output column ox sits at slot[i] + (i * K + j) * OWp + ox in the ring,
-      // with ox = ix - (j - r) * d
-      for (int64_t i = 0; i < K; ++i) wrow[i] = slot[i] + i * K * OWp + r * d;
-      TapWindow win{xrow.data(), wrow.data(), -d * C, OWp - d, K, 1, i0, i1, 0, -1};
-      const T* ring = rows.data();
+      TapWindow win{xrow.data(), wrow.data(), -d * C, in_place ? 1 - d * GKK : OWp - d, K, 1, i0, i1, 0, -1};
+      const T* weights = in_place ? SF + b * OH * OW * GKK : rows->data();
+      const int64_t group_stride = in_place ? KK : KK * OWp;
       const T* cft = CFT ? CFT + b * KK * C : nullptr;
       const int64_t q0 = (b * OH + iy) * OW;  // output pixel at the row's start
       for (int64_t band = 0; band < bands; ++band) {
@@ -894,12 +911,13 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
           ahead.pixel(band * W + ix, bands * W);
           const int64_t share = ix % kLineValues;
           for (int64_t n = share * lines / kLineValues; n < (share + 1) * lines / kLineValues; ++n)
-            __builtin_prefetch(ring + std::clamp<int64_t>(line_ahead[n] + ix, 0, ring_values - 1));
+            __builtin_prefetch(weights + std::clamp<int64_t>(line_ahead[n] + ix, 0, ring_values - 1));
           bw.j0 = columns[ix].first, bw.j1 = columns[ix].second;
           const T* go = GO + (q0 + ix) * C;
           T* gx = GX + (row * W + ix) * C;
-          if (band == 0) filter_pixel_channels<T, mode>(go, ring + ix, bw, cft, gx, vpg, KK * OWp, g);
-          else filter_pixel_channels<T, mode, true>(go, ring + ix, bw, cft, gx, vpg, KK * OWp, g);
+          const T* w = weights + (in_place ? ix * GKK : ix);
+          if (band == 0) filter_pixel_channels<T, mode>(go, w, bw, cft, gx, vpg, group_stride, g);
+          else filter_pixel_channels<T, mode, true>(go, w, bw, cft, gx, vpg, group_stride, g);
         }
       }
     }

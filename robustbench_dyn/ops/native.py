@@ -216,24 +216,8 @@ def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -
         if not _intact(library):
             _check_toolchain(with_cuda)
             with _build_lock(folder, quiet):
-                # another process may have built it while this one waited
-                if not _intact(library):
-                    try:
-                        # a library without a matching digest was cut short (a link killed midway, a
-                        # full disk, a partial copy): loading it can crash the process (SIGBUS), and
-                        # ninja would take it for up to date. cpp_extension's own lock file, left by
-                        # a build killed midway, made torch before 2.14 wait for it forever; no
-                        # other build is running now (this process holds the lock).
-                        library.unlink(missing_ok=True)
-                        (folder / "lock").unlink(missing_ok=True)
-                    except OSError as exc:
-                        raise _cache_error(folder, exc) from None
-                    if not quiet:
-                        print(f"dynrobust: compiling the native ops{' with CUDA' if with_cuda else ''} into "
-                              f"{folder} (once per source, torch version and machine; about a minute)",
-                              file=sys.stderr, flush=True)
-                    _compile(name, folder, with_cuda, verbose)
-                    _write_digest(library)
+                if not _intact(library):  # another process may have built it while this one waited
+                    _build_into(name, folder, with_cuda, verbose, quiet)
         try:
             torch.ops.load_library(str(library))
         except (OSError, RuntimeError) as exc:
@@ -243,6 +227,25 @@ def build(with_cuda: bool = False, verbose: bool = False, quiet: bool = False) -
         _registrations.register()
         _LOADED[with_cuda] = library
         return library
+
+
+def _build_into(name: str, folder: Path, with_cuda: bool, verbose: bool, quiet: bool):
+    """Compile library ``name`` into ``folder`` and write its digest; the caller holds the build lock."""
+    library = folder / f"{name}.so"
+    try:
+        # a library without a matching digest was cut short (a link killed midway, a full disk, a
+        # partial copy): loading it can crash the process (SIGBUS), and ninja would take it for up
+        # to date. cpp_extension's own lock file, left by a build killed midway, made torch before
+        # 2.14 wait for it forever; no other build is running now (the caller holds the lock).
+        library.unlink(missing_ok=True)
+        (folder / "lock").unlink(missing_ok=True)
+    except OSError as exc:
+        raise _cache_error(folder, exc) from None
+    if not quiet:
+        print(f"dynrobust: compiling the native ops{' with CUDA' if with_cuda else ''} into {folder} "
+              "(once per source, torch version and machine; about a minute)", file=sys.stderr, flush=True)
+    _compile(name, folder, with_cuda, verbose)
+    _write_digest(library)
 
 
 @contextlib.contextmanager

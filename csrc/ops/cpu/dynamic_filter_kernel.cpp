@@ -802,8 +802,8 @@ void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, c
 // consecutive pixels lie G*KK apart, each on its own cache line, but within a band of kernel rows
 // (below) those lines are few enough to stay in L1 from pixel to pixel. Otherwise they come from
 // SF's rows transposed to (G*KK, OWp), one slot per kernel row, so that a tap's weights for
-// consecutive pixels are consecutive and group g's lie KK * OWp apart. The ring was the only way
-// until session 17, from before the bands; reading in place then made involution's backward 3.5%
+// consecutive pixels are consecutive and group g's lie KK * OWp apart. The ring predates the bands
+// and was the only way until session 17; reading in place then made involution's backward 3.5%
 // faster on 32x64x56x56, 6.5% on 32x128x28x28, 7% on 32x256x14x14 and DDF's 3-14% on 32x64x56x56,
 // where the ring's transposes had been a third of grad_x. It was 5% slower on 7x7 maps, and 40%
 // slower for involution on the DDF paper's shape, whose SF rows (940 KB each) do not fit in L2

@@ -924,6 +924,39 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
   });
 }
 
+// The sums of up to 4 taps (acc[u]: tap u at L consecutive pixels) stored pixel-major: dst[p *
+// pitch + u] = lane p of acc[u], for p < L and u < taps.
+template <typename T>
+inline void store_tap_quad(const typename Simd<T>::V* acc, T* dst, int64_t pitch, int taps) {
+  using S = Simd<T>;
+  constexpr int L = S::kLanes;
+#if defined(__AVX__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (taps == 4) {  // a 4 x 8 transpose: p[k] holds pixel k in its lower half, pixel k + 4 in its upper
+      const __m256 t0 = _mm256_unpacklo_ps(acc[0], acc[1]), t1 = _mm256_unpackhi_ps(acc[0], acc[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(acc[2], acc[3]), t3 = _mm256_unpackhi_ps(acc[2], acc[3]);
+      const __m256 p[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                           _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
+      for (int k = 0; k < 4; ++k) {
+        _mm_storeu_ps(dst + k * pitch, _mm256_castps256_ps128(p[k]));
+        _mm_storeu_ps(dst + (k + 4) * pitch, _mm256_extractf128_ps(p[k], 1));
+      }
+      return;
+    }
+  }
+#endif
+  if constexpr (L == 4) {  // a 4 x 4 transpose (double on AVX2)
+    typename S::V r[4] = {acc[0], acc[1], acc[2], acc[3]};
+    transpose<T>(r);
+    for (int p = 0; p < 4; ++p) S::store(dst + p * pitch, r[p], taps);
+  } else {
+    alignas(64) T lanes[4][L];
+    for (int u = 0; u < taps; ++u) S::store(lanes[u], acc[u]);
+    for (int p = 0; p < L; ++p)
+      for (int u = 0; u < taps; ++u) dst[p * pitch + u] = lanes[u][p];
+  }
+}
+
 // grad_spatial_filter of involution at stride 1 with NCH channels per group, lanes over pixels: for
 // L consecutive output pixels x of a row, group g and tap t,
 //     GSF[x, g, t] = sum_c GO^T[c, x] * X^T[y + dy, c, x + dx]
@@ -934,10 +967,12 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
 // at each block made this filter gradient 5% slower on 2x64x56x56 and 1x256x50x150 (one thread),
 // and involution's backward 2-5% slower at batch 32 on 56x56 maps and the DDF paper's shape
 // (RESULTS.md, session 16); holding the whole row's results (950 KB on that shape) was no slower
-// than strips of 64-256 KB. The row's result vectors are then transposed back to (pixel,
-// tap), block by block, into a buffer written to GSF by non-temporal stores (as in
+// than strips of 64-256 KB. Each quad of taps' sums is transposed in registers to (pixel, tap)
+// into a buffer of the row's results, written to GSF by non-temporal stores (as in
 // backward_spatial_nhwc_taps below: the backward on 32x64x56x56 7-15% faster, on the DDF paper's
-// shape no different).
+// shape no different). Until session 18 the sums were kept as vectors and the row's transposed
+// block by block at its end, which took a seventh of this gradient's time; in registers, it took
+// 9% less time on 32x64x56x56 (one thread) and the backward 3% less (RESULTS.md).
 template <typename T, int NCH>
 void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterGeometry& g) {
   using S = Simd<T>;
@@ -959,8 +994,7 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
     // multiply-adds they feed (3 idivs per 64 FMAs)
     std::vector<const T*> tap_base(KK + 3);
     const int64_t blocks = OWp / L;
-    std::vector<V> sums(blocks * GKK);  // per block of L pixels (x0 / L), per tap of every group
-    std::vector<T> block_out(L * GKK);  // a block's results, to be streamed to GSF
+    std::vector<T> row_out(OWp * GKK);  // the row's results, (pixel, tap), to be streamed to GSF
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / OH, y = row % OH;
       input_ahead.before(row, end), grad_ahead.before(row, end);
@@ -975,7 +1009,7 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
         for (int64_t x0 = 0; x0 < OW; x0 += L) {
           const int64_t step = grp * blocks + x0 / L;
           input_ahead.pixel(step, G * blocks), grad_ahead.pixel(step, G * blocks);
-          V* group_sums = sums.data() + x0 / L * GKK + grp * KK;
+          T* out = row_out.data() + x0 * GKK + grp * KK;
           V go[NCH];
           for (int c = 0; c < NCH; ++c) go[c] = S::load(go_t + (grp * NCH + c) * OWp + x0);
           const int64_t shift = grp * NCH * Wp + x0;
@@ -986,15 +1020,11 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
 #pragma GCC unroll 16
             for (int c = 0; c < NCH; ++c)
               for (int u = 0; u < 4; ++u) acc[u] += go[c] * S::load(xs[u] + c * Wp);
-            for (int u = 0; u < 4 && t0 + u < KK; ++u) group_sums[t0 + u] = acc[u];
+            store_tap_quad<T>(acc, out + t0, GKK, static_cast<int>(std::min<int64_t>(4, KK - t0)));
           }
         }
       }
-      for (int64_t x0 = 0; x0 < OW; x0 += L) {
-        const int64_t n = std::min(L, OW - x0);
-        transpose_matrix(reinterpret_cast<const T*>(sums.data() + x0 / L * GKK), L, GKK, n, block_out.data(), GKK);
-        S::stream_copy(GSF + (row * OW + x0) * GKK, block_out.data(), n * GKK);
-      }
+      S::stream_copy(GSF + row * OW * GKK, row_out.data(), OW * GKK);
     }
     S::stream_fence();
   });

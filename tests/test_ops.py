@@ -285,6 +285,27 @@ def test_strided_grad_x_gathered(built, k, stride, dilation, height, monkeypatch
         torch.use_deterministic_algorithms(was_deterministic)
 
 
+@pytest.mark.parametrize("k,stride,dilation,height,width", [(7, 2, 1, 23, 29), (7, 3, 1, 20, 26), (3, 2, 2, 17, 40),
+                                                           (7, 2, 1, 14, 14), (5, 2, 1, 7, 7)])
+def test_strided_involution_filter_gradient_in_pixel_lanes(built, k, stride, dilation, height, width):
+    # At strides over 1 the involution's filter gradient reads the input rows transposed in `stride`
+    # phases (columns x * s + dx of consecutive output pixels x in one phase), where an output row
+    # fills more than half a vector: 15, 9 and 20 pixels (blocks and a part), 7 (one part) here;
+    # 4 pixels take the channel lanes in float32 on AVX2. 16 and 8 channels per group, float32 on
+    # the vector path with a float64 reference, and float64 against it exactly.
+    for channels, groups in ((32, 2), (24, 3)):
+        x, kernel = _involution_inputs(2, channels, height, width, k, stride, groups, channels_last=True, seed=width)
+        ref = involution_reference(x.requires_grad_(), kernel.requires_grad_(), k, dilation, stride)
+        want = _grads(ref, [x, kernel])
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+            inputs = [x.detach().to(dtype).requires_grad_(), kernel.detach().to(dtype).requires_grad_()]
+            out = ops.involution(*inputs, k, dilation, stride)
+            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+            for g, w in zip(got, want):
+                assert _max_diff(g.double(), w) < tol * max(1.0, w.abs().max().item())
+
+
 def test_tap_lane_filter_gradient_for_any_group_size(built):
     # The 7x7 involution's filter gradient on rows of up to 32 pixels puts a kernel row's 7 taps in
     # the lanes, so any number of channels per group works (3, 5 and 16 here); its last vector of a

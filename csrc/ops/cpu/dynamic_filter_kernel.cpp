@@ -658,12 +658,15 @@ void transpose_matrix(const T* src, int64_t src_pitch, int64_t rows, int64_t col
 
 // Rows of a channels_last tensor transposed: row `row` of src, a (pixels, values) matrix, is kept as
 // (values, pitch) with pixel x at column pad + x and zeros around it, in one of a ring of slots, and
-// transposed only when its slot held another row.
+// transposed only when its slot held another row. With phases p > 1 each value's row of pitch
+// values is cut into p parts of pitch / p: part f holds pixels f, f + p, f + 2p, ... at columns
+// pad, pad + 1, ... (so that pixels p apart are consecutive).
 template <typename T>
 class TransposedRows {
  public:
-  TransposedRows(const T* src, int64_t pixels, int64_t values, int64_t pitch, int64_t pad, int64_t slots)
-      : src_(src), pixels_(pixels), values_(values), pitch_(pitch), pad_(pad), slots_(slots),
+  TransposedRows(const T* src, int64_t pixels, int64_t values, int64_t pitch, int64_t pad, int64_t slots,
+                 int64_t phases = 1)
+      : src_(src), pixels_(pixels), values_(values), pitch_(pitch), pad_(pad), slots_(slots), phases_(phases),
         data_(slots * values * pitch, T(0)), tag_(slots, -1) {}
   const T* data() const { return data_.data(); }
   // Offset in data() of row `row`, kept in slot `index` % slots.
@@ -671,8 +674,10 @@ class TransposedRows {
     const int64_t slot = index % slots_, start = slot * values_ * pitch_;
     if (tag_[slot] != row) {
       tag_[slot] = row;
-      transpose_matrix(src_ + row * pixels_ * values_, values_, pixels_, values_, data_.data() + start + pad_, pitch_,
-                       pitch_ - pad_);
+      const int64_t part = pitch_ / phases_;  // phase f: pixels f, f + phases, ... at part * f + pad + 0, 1, ...
+      for (int64_t f = 0; f < std::min(phases_, pixels_); ++f)
+        transpose_matrix(src_ + (row * pixels_ + f) * values_, phases_ * values_, (pixels_ - f + phases_ - 1) / phases_,
+                         values_, data_.data() + start + f * part + pad_, pitch_, part - pad_);
     }
     return start;
   }
@@ -683,7 +688,7 @@ class TransposedRows {
 
  private:
   const T* src_;
-  int64_t pixels_, values_, pitch_, pad_, slots_;
+  int64_t pixels_, values_, pitch_, pad_, slots_, phases_;
   std::vector<T> data_;
   std::vector<int64_t> tag_;
 };
@@ -957,12 +962,15 @@ inline void store_tap_quad(const typename Simd<T>::V* acc, T* dst, int64_t pitch
   }
 }
 
-// grad_spatial_filter of involution at stride 1 with NCH channels per group, lanes over pixels: for
-// L consecutive output pixels x of a row, group g and tap t,
-//     GSF[x, g, t] = sum_c GO^T[c, x] * X^T[y + dy, c, x + dx]
-// from the rows of grad_out and of the input transposed to (C, pixels) (the input's padded with
-// `reach` zeros on either side), so every term is one vector multiply-add, with the group's NCH
-// rows of grad_out held in registers. A row is swept one group at a time, so that the group's input
+// grad_spatial_filter of involution with NCH channels per group, lanes over pixels: for L
+// consecutive output pixels x of a row, group g and tap t,
+//     GSF[x, g, t] = sum_c GO^T[c, x] * X^T[y * s + dy, c, x * s + dx]
+// from the rows of grad_out and of the input transposed to (C, pixels), the input's padded with
+// zeros on either side, so every term is one vector multiply-add, with the group's NCH rows of
+// grad_out held in registers. At stride s > 1 the input rows are transposed in s phases, so that
+// the columns x * s + dx of consecutive x are consecutive: in phase dx mod s, from x + (dx - dx mod
+// s) / s. (Until session 18 strides over 1 took backward_filters_nhwc_fast's channel lanes, whose
+// sums across lanes cost more than the multiply-adds with 16 channels per group.) A row is swept one group at a time, so that the group's input
 // rows (7 x NCH rows, 28 KB on 56-pixel rows) stay in L1 from block to block; sweeping all groups
 // at each block made this filter gradient 5% slower on 2x64x56x56 and 1x256x50x150 (one thread),
 // and involution's backward 2-5% slower at batch 32 on 56x56 maps and the DDF paper's shape
@@ -980,14 +988,15 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
   constexpr int64_t L = S::kLanes;
   const int64_t C = g.channels, H = g.height, W = g.width, OH = g.out_height, OW = g.out_width, K = g.kernel_size;
   const int64_t KK = g.taps(), G = g.groups, GKK = G * KK;
-  TORCH_CHECK(g.stride == 1 && OH == H && OW == W && g.channels_per_group() == NCH,
-              "dynamic filter: the pixel-lane filter gradient needs stride 1 and ", NCH, " channels per group");
+  TORCH_CHECK(g.channels_per_group() == NCH, "dynamic filter: the pixel-lane filter gradient needs ", NCH,
+              " channels per group");
   const TapGeometry taps(g);
-  const int64_t OWp = (OW + L - 1) / L * L, Wp = OWp + 2 * taps.reach;
+  const int64_t s = g.stride, OWp = (OW + L - 1) / L * L;
+  const int64_t pad = (taps.reach + s - 1) / s, part = pad + OWp + taps.reach / s, Wp = s * part;
   at::parallel_for(0, g.batch * OH, 1, [&](int64_t begin, int64_t end) {
-    TransposedRows<T> input_rows(X, W, C, Wp, taps.reach, 2 * taps.reach + 1);
+    TransposedRows<T> input_rows(X, W, C, Wp, pad, 2 * taps.reach + 1, s);
     TransposedRows<T> grad_row(GO, OW, C, OWp, 0, 1);
-    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), OH, H, 1, taps.reach);
+    RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), OH, H, s, taps.reach);
     RowsAhead grad_ahead(GO, OW * C * int64_t(sizeof(T)), OH, OH, 1, 0);
     const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
     // per tap, its input row's column reach + dx: divisions by K here would cost as much as the
@@ -1000,9 +1009,13 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
       input_ahead.before(row, end), grad_ahead.before(row, end);
       const T* go_t = grad_row.data() + grad_row.offset(row, 0);
       for (int64_t i = 0; i < K; ++i) {
-        const int64_t iy = y + taps.dy[i * K];
+        const int64_t iy = y * s + taps.dy[i * K];
         const T* in = input_rows.image_row(b, iy, H, zero_row.data());
-        for (int64_t j = 0; j < K; ++j) tap_base[i * K + j] = in + taps.dx[i * K + j] + taps.reach;
+        for (int64_t j = 0; j < K; ++j) {
+          // output pixel x reads input column x * s + dx: in phase f = dx mod s, at x + (dx - f) / s
+          const int64_t dx = taps.dx[i * K + j], f = (dx % s + s) % s;
+          tap_base[i * K + j] = in + f * part + pad + (dx - f) / s;
+        }
       }
       for (int64_t t = KK; t < KK + 3; ++t) tap_base[t] = tap_base[KK - 1];  // the last quad's spare taps
       for (int64_t grp = 0; grp < G; ++grp) {
@@ -1627,13 +1640,17 @@ std::vector<at::Tensor> dynamic_filter_backward_cpu(const at::Tensor& go_in, con
         else backward_input_nhwc_generic<scalar_t, M>(gop, cfp, sfp, gxp, g);
         const int64_t cpg = g.channels_per_group();
         // tap lanes (k = 7 fills 7 of 8 lanes; not 16) beat pixel lanes by 5-25% on rows up to 28
-        // pixels and lost by 4-10% on rows of 40 and 56 (RESULTS.md, session 7)
+        // pixels and lost by 4-10% on rows of 40 and 56 (RESULTS.md, session 7). At strides over 1,
+        // pixel lanes beat channel lanes (backward_filters_nhwc_fast) where an output row fills more
+        // than half a vector: involution's backward on RedNet's strided shapes 11-15% faster; on
+        // 32x512x7x7/2 (4 pixels a row) they were 4% slower (RESULTS.md, session 18).
+        const bool pixel_lanes = g.stride == 1 || 2 * g.out_width > Simd<scalar_t>::kLanes;
         if (M == Combine::kSpatialOnly && g.stride == 1 && g.dilation == 1 && g.kernel_size == 7 &&
             kVectorBytes <= 32 && g.out_width <= 32)
           backward_spatial_nhwc_taps<scalar_t, 7>(gop, xp, gsfp, g);
-        else if (M == Combine::kSpatialOnly && g.stride == 1 && cpg == 16)
+        else if (M == Combine::kSpatialOnly && pixel_lanes && cpg == 16)
           backward_spatial_nhwc_pixels<scalar_t, 16>(gop, xp, gsfp, g);
-        else if (M == Combine::kSpatialOnly && g.stride == 1 && cpg == 8)
+        else if (M == Combine::kSpatialOnly && pixel_lanes && cpg == 8)
           backward_spatial_nhwc_pixels<scalar_t, 8>(gop, xp, gsfp, g);
         else if (fast)
           backward_filters_nhwc_fast<scalar_t, M>(gop, xp, cfp, sfp, gsfp, gcfp, g);

@@ -970,8 +970,9 @@ inline void store_tap_quad(const typename Simd<T>::V* acc, T* dst, int64_t pitch
 // grad_out held in registers. At stride s > 1 the input rows are transposed in s phases, so that
 // the columns x * s + dx of consecutive x are consecutive: in phase dx mod s, from x + (dx - dx mod
 // s) / s. (Until session 18 strides over 1 took backward_filters_nhwc_fast's channel lanes, whose
-// sums across lanes cost more than the multiply-adds with 16 channels per group.) A row is swept one group at a time, so that the group's input
-// rows (7 x NCH rows, 28 KB on 56-pixel rows) stay in L1 from block to block; sweeping all groups
+// sums across lanes cost more than the multiply-adds with 16 channels per group.) A row is swept
+// one group at a time, so that the group's input rows (7 x NCH rows, 28 KB on 56-pixel rows) stay
+// in L1 from block to block; sweeping all groups
 // at each block made this filter gradient 5% slower on 2x64x56x56 and 1x256x50x150 (one thread),
 // and involution's backward 2-5% slower at batch 32 on 56x56 maps and the DDF paper's shape
 // (RESULTS.md, session 16); holding the whole row's results (950 KB on that shape) was no slower
@@ -999,8 +1000,8 @@ void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterG
     RowsAhead input_ahead(X, W * C * int64_t(sizeof(T)), OH, H, s, taps.reach);
     RowsAhead grad_ahead(GO, OW * C * int64_t(sizeof(T)), OH, OH, 1, 0);
     const std::vector<T> zero_row(C * Wp, T(0));  // kernel rows outside the image
-    // per tap, its input row's column reach + dx: divisions by K here would cost as much as the
-    // multiply-adds they feed (3 idivs per 64 FMAs)
+    // per tap, where its input row's values for output pixel 0 start: divisions by K here would
+    // cost as much as the multiply-adds they feed (3 idivs per 64 FMAs)
     std::vector<const T*> tap_base(KK + 3);
     const int64_t blocks = OWp / L;
     std::vector<T> row_out(OWp * GKK);  // the row's results, (pixel, tap), to be streamed to GSF

@@ -374,6 +374,40 @@ def test_grad_x_in_bands_of_kernel_rows(built):
                     assert _max_diff(g, w) < tol * max(1.0, w.abs().max().item()), (channels, k, dilation, height, dtype)
 
 
+def test_grad_x_by_output_rows(built):
+    # Where the ring of transposed filter rows outgrows 512 KB and each band is a single kernel row,
+    # the stride-1 grad_x goes by output rows: each filter row is transposed once and swept into
+    # every input row of the task that its kernel rows reach, the sweep from the smallest output row
+    # storing and the others adding. 256 channels in 16 groups at k = 7 (30 pixels wide) and 512 in
+    # 32 at k = 3 (160 wide) take that path in float32 and float64. Tasks of 3 threads over 2 x 9
+    # rows start and end inside images; 2 rows are fewer than the kernel's reach; dilation 3 at
+    # k = 3 leaves input rows 1, 2 (and the last two) with a single kernel row inside.
+    cases = ((256, 16, 7, 1, 30), (256, 16, 7, 2, 30), (512, 32, 3, 3, 160))
+    for channels, groups, k, _, width in cases:
+        for value_bytes in (4, 8):
+            assert _grad_x_bands(channels, groups, k, value_bytes) == 1
+            assert k * groups * k * k * width * value_bytes > 512 * 1024
+    threads = torch.get_num_threads()
+    for channels, groups, k, dilation, width in cases:
+        for height, tasks in ((9, 1), (9, 3), (2, 1)):
+            for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+                x, kernel = _involution_inputs(2, channels, height, width, k, 1, groups, dtype=dtype,
+                                               channels_last=True, seed=height + k)
+                inputs = [x.requires_grad_(), kernel.requires_grad_()]
+                wide = [t.detach().double().requires_grad_() for t in inputs]
+                out = ops.involution(*inputs, k, dilation)
+                ref = involution_reference(*wide, k, dilation)
+                grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+                torch.set_num_threads(tasks)
+                try:
+                    got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+                finally:
+                    torch.set_num_threads(threads)
+                want = torch.autograd.grad(ref, wide, grad_out)
+                assert _max_diff(got[0], want[0]) < tol * max(1.0, want[0].abs().max().item()), (
+                    channels, k, dilation, height, tasks, dtype)
+
+
 def test_float32_large_channels_and_odd_sizes(built):
     # Channel counts beyond one 64-channel block of the NHWC kernel, not a multiple of it.
     for channels_last in (False, True):

@@ -840,6 +840,8 @@ inline int64_t grad_x_rows_per_sweep(const FilterGeometry& g, int64_t value_byte
 // 6.6 MB in the ring): each sweep then prefetches its weight rows a line ahead, and grad_x on that
 // shape took half the time (the backward 26-32% less). On rings that fit, prefetching was no
 // faster on 56x56 and 10% slower on 28x28 (RESULTS.md, session 15).
+// Where in addition each band is a single kernel row, grad_x now goes by output rows instead (see
+// backward_input_nhwc_fast).
 constexpr int64_t kL2Budget = 512 * 1024;
 
 template <typename T, Combine mode>
@@ -870,7 +872,52 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
   const int64_t slots = 2 * taps.reach + 1, ring_values = slots * GKK * OWp;
   constexpr int64_t kLineValues = 64 / sizeof(T);
   const bool rows_fit_l2 = ring_values * int64_t(sizeof(T)) <= kL2Budget;
-  const bool in_place = rows_fit_l2 && OW > Simd<T>::kLanes, prefetch_ring = !rows_fit_l2;
+  const bool in_place = rows_fit_l2 && OW > Simd<T>::kLanes;
+  // By output rows: where the ring outgrows L2 and a band is one kernel row, each part of a transposed
+  // SF row (one kernel row of every group) is read by one input row, the last of them 7 rows after
+  // the transpose (k = 7), by when the ring (6.6 MB per thread on the DDF paper's shape) has sent it
+  // to memory. Taken in the order of the output rows instead, SF row ny is transposed once into a
+  // single slot and at once swept into each input row ny + dy[i] of the task that its kernel row i
+  // reaches, adding to what the earlier output rows left there (the sweep from the smallest ny
+  // stores). grad_x is still read and written once per kernel row, as with bands of one row, but
+  // the transposed row stays in cache. On the DDF paper's shape (2 threads) grad_x took 119 / 132
+  // ms (min / median) against 163 / 179, the backward 244 / 267 against 281 / 315; on 2x256x100x150
+  // and 2x512x50x75 grad_x took 15-24% less. Sweeps of one kernel row in output-row order lose where
+  // bands are wider: on 4x64x100x150 (bands of 4) 40% slower, 4x128x100x150 and 2x80x200x300 (bands
+  // of 2) 2-10% (RESULTS.md, session 19); there the ring, prefetched, stays.
+  const bool by_output_rows = !rows_fit_l2 && band_rows == 1, prefetch_ring = !rows_fit_l2 && !by_output_rows;
+  if (by_output_rows) {
+    std::vector<int64_t> first(H);  // per input row, the kernel row of its first sweep: the largest inside
+    for (int64_t iy = 0; iy < H; ++iy)
+      for (int64_t i = 0; i < K; ++i)
+        if (iy - taps.dy[i * K] >= 0 && iy - taps.dy[i * K] < OH) first[iy] = i;
+    std::vector<int64_t> wrow(K);  // as below, with the row in the ring's only slot
+    for (int64_t i = 0; i < K; ++i) wrow[i] = i * K * OWp + r * d;
+    at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
+      TransposedRows<T> row_t(SF, OW, GKK, OWp, 0, 1);
+      // the output rows that reach input rows [begin, end): up to `reach` rows either side
+      const int64_t out_end = std::min(g.batch * OH, end + taps.reach);
+      for (int64_t orow = std::max<int64_t>(0, begin - taps.reach); orow < out_end; ++orow) {
+        const int64_t b = orow / OH, ny = orow % OH;
+        const T* cft = CFT ? CFT + b * KK * C : nullptr;
+        bool transposed = false;
+        for (int64_t i = 0; i < K; ++i) {
+          const int64_t iy = ny + taps.dy[i * K], row = b * H + iy;
+          if (iy < 0 || iy >= H || row < begin || row >= end) continue;
+          if (!transposed) row_t.offset(orow, 0), transposed = true;
+          TapWindow win{xrow.data(), wrow.data(), -d * C, OWp - d, K, 1, i, i, 0, -1};
+          for (int64_t ix = 0; ix < W; ++ix) {
+            win.j0 = columns[ix].first, win.j1 = columns[ix].second;
+            const T* go = GO + (row * OW + ix) * C;
+            T* gx = GX + (row * W + ix) * C;
+            if (i == first[iy]) filter_pixel_channels<T, mode>(go, row_t.data() + ix, win, cft, gx, vpg, KK * OWp, g);
+            else filter_pixel_channels<T, mode, true>(go, row_t.data() + ix, win, cft, gx, vpg, KK * OWp, g);
+          }
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
     std::optional<TransposedRows<T>> rows;
     if (!in_place) rows.emplace(SF, OW, GKK, OWp, 0, slots);

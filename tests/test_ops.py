@@ -336,6 +336,26 @@ def test_tap_lane_filter_gradient_for_any_group_size(built):
                 assert _max_diff(g, w) < tol * max(1.0, w.abs().max().item())
 
 
+def _involution_grads_and_reference(batch, channels, groups, height, width, k, dilation, dtype, seed, grad_seed,
+                                    threads=None):
+    """The native stride-1 involution's gradients (x, kernel) in `dtype` on channels_last inputs,
+    computed on `threads` threads, and the float64 reference's, for one float64 grad_out."""
+    x, kernel = _involution_inputs(batch, channels, height, width, k, 1, groups, dtype=dtype, channels_last=True,
+                                   seed=seed)
+    inputs = [x.requires_grad_(), kernel.requires_grad_()]
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    out = ops.involution(*inputs, k, dilation)
+    ref = involution_reference(*wide, k, dilation)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    finally:
+        torch.set_num_threads(previous)
+    return got, torch.autograd.grad(ref, wide, grad_out)
+
+
 def _grad_x_bands(channels, groups, k, value_bytes, budget=16 * 1024):
     """The kernel rows per sweep of the stride-1 grad_x (grad_x_rows_per_sweep in the CPU kernel)."""
     return min(max(budget // (k * (groups * 64 + channels * value_bytes)), 1), k)
@@ -361,15 +381,8 @@ def test_grad_x_in_bands_of_kernel_rows(built):
         sizes = ((9, 7), (1, 5), (4, 12)) + (((9, 50),) if channels == 128 and k == 7 else ())
         for height, width in sizes:
             for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
-                x, kernel = _involution_inputs(1, channels, height, width, k, 1, groups, dtype=dtype,
-                                               channels_last=True, seed=height + k)
-                inputs = [x.requires_grad_(), kernel.requires_grad_()]
-                wide = [t.detach().double().requires_grad_() for t in inputs]
-                out = ops.involution(*inputs, k, dilation)
-                ref = involution_reference(*wide, k, dilation)
-                grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
-                got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
-                want = torch.autograd.grad(ref, wide, grad_out)
+                got, want = _involution_grads_and_reference(1, channels, groups, height, width, k, dilation, dtype,
+                                                            seed=height + k, grad_seed=k)
                 for g, w in zip(got, want):
                     assert _max_diff(g, w) < tol * max(1.0, w.abs().max().item()), (channels, k, dilation, height, dtype)
 
@@ -387,23 +400,11 @@ def test_grad_x_by_output_rows(built):
         for value_bytes in (4, 8):
             assert _grad_x_bands(channels, groups, k, value_bytes) == 1
             assert k * groups * k * k * width * value_bytes > 512 * 1024
-    threads = torch.get_num_threads()
     for channels, groups, k, dilation, width in cases:
         for height, tasks in ((9, 1), (9, 3), (2, 1)):
             for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
-                x, kernel = _involution_inputs(2, channels, height, width, k, 1, groups, dtype=dtype,
-                                               channels_last=True, seed=height + k)
-                inputs = [x.requires_grad_(), kernel.requires_grad_()]
-                wide = [t.detach().double().requires_grad_() for t in inputs]
-                out = ops.involution(*inputs, k, dilation)
-                ref = involution_reference(*wide, k, dilation)
-                grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
-                torch.set_num_threads(tasks)
-                try:
-                    got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
-                finally:
-                    torch.set_num_threads(threads)
-                want = torch.autograd.grad(ref, wide, grad_out)
+                got, want = _involution_grads_and_reference(2, channels, groups, height, width, k, dilation, dtype,
+                                                            seed=height + k, grad_seed=k, threads=tasks)
                 assert _max_diff(got[0], want[0]) < tol * max(1.0, want[0].abs().max().item()), (
                     channels, k, dilation, height, tasks, dtype)
 

@@ -407,6 +407,19 @@ def test_grad_x_by_output_rows(built):
                                                             seed=height + k, grad_seed=k, threads=tasks)
                 assert _max_diff(got[0], want[0]) < tol * max(1.0, want[0].abs().max().item()), (
                     channels, k, dilation, height, tasks, dtype)
+    # DDF takes the same path with 16 heads over 512 channels on 400-pixel rows (its channel weights
+    # passed through): 3 x 144 x 400 weights outgrow 512 KB, and a band is one kernel row
+    assert _grad_x_bands(512, 16, 3, 4) == 1 and 3 * 144 * 400 * 4 > 512 * 1024
+    for combine in ("mul", "add"):
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+            ddf_inputs = _ddf_inputs(2, 512, 5, 400, 3, 1, 16, dtype=dtype, channels_last=True)
+            inputs = [t.requires_grad_() for t in ddf_inputs]
+            wide = [t.detach().double().requires_grad_() for t in inputs]
+            ref = ddf_reference(*wide, 3, 1, 1, combine, 16)
+            grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            got = torch.autograd.grad(ops.ddf(*inputs, 3, 1, 1, combine, 16), inputs, grad_out.to(dtype))
+            want = torch.autograd.grad(ref, wide, grad_out)
+            assert _max_diff(got[0], want[0]) < tol * max(1.0, want[0].abs().max().item()), (combine, dtype)
 
 
 def test_float32_large_channels_and_odd_sizes(built):

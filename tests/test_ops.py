@@ -246,12 +246,9 @@ def test_ddf_filter_gradients_in_float32_on_the_fast_path(built, k, stride, dila
         for combine in ("mul", "add"):
             inputs = [t.requires_grad_() for t in _ddf_inputs(2, channels, 23, width, k, stride, head,
                                                                dtype=torch.float32, channels_last=True, seed=k)]
-            wide = [t.detach().double().requires_grad_() for t in inputs]
-            out = ops.ddf(*inputs, k, dilation, stride, combine, head)
-            ref = ddf_reference(*wide, k, dilation, stride, combine, head)
-            grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-            got = torch.autograd.grad(out, inputs, grad_out.float())
-            want = torch.autograd.grad(ref, wide, grad_out)
+            got, want = _grads_and_reference(lambda *t: ops.ddf(*t, k, dilation, stride, combine, head),
+                                             lambda *t: ddf_reference(*t, k, dilation, stride, combine, head),
+                                             inputs, grad_seed=3)
             for g, w in zip(got, want):
                 assert _max_diff(g, w) < 1e-5 * max(1.0, w.abs().max().item())
 
@@ -336,24 +333,29 @@ def test_tap_lane_filter_gradient_for_any_group_size(built):
                 assert _max_diff(g, w) < tol * max(1.0, w.abs().max().item())
 
 
-def _involution_grads_and_reference(batch, channels, groups, height, width, k, dilation, dtype, seed, grad_seed,
-                                    threads=None):
-    """The native stride-1 involution's gradients (x, kernel) in `dtype` on channels_last inputs,
-    computed on `threads` threads, and the float64 reference's, for one float64 grad_out."""
-    x, kernel = _involution_inputs(batch, channels, height, width, k, 1, groups, dtype=dtype, channels_last=True,
-                                   seed=seed)
-    inputs = [x.requires_grad_(), kernel.requires_grad_()]
+def _grads_and_reference(native, reference, inputs, grad_seed, threads=None):
+    """The gradients of native(*inputs) for the inputs (in their dtype), computed on `threads`
+    threads, and those of reference(*inputs as float64), for one float64 grad_out."""
     wide = [t.detach().double().requires_grad_() for t in inputs]
-    out = ops.involution(*inputs, k, dilation)
-    ref = involution_reference(*wide, k, dilation)
+    out, ref = native(*inputs), reference(*wide)
     grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or previous)
     try:
-        got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+        got = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
     finally:
         torch.set_num_threads(previous)
     return got, torch.autograd.grad(ref, wide, grad_out)
+
+
+def _involution_grads_and_reference(batch, channels, groups, height, width, k, dilation, dtype, seed, grad_seed,
+                                    threads=None):
+    """_grads_and_reference for the stride-1 involution on channels_last inputs."""
+    x, kernel = _involution_inputs(batch, channels, height, width, k, 1, groups, dtype=dtype, channels_last=True,
+                                   seed=seed)
+    return _grads_and_reference(lambda *t: ops.involution(*t, k, dilation),
+                                lambda *t: involution_reference(*t, k, dilation),
+                                [x.requires_grad_(), kernel.requires_grad_()], grad_seed, threads)
 
 
 def _grad_x_bands(channels, groups, k, value_bytes, budget=16 * 1024):
@@ -412,13 +414,10 @@ def test_grad_x_by_output_rows(built):
     assert _grad_x_bands(512, 16, 3, 4) == 1 and 3 * 144 * 400 * 4 > 512 * 1024
     for combine in ("mul", "add"):
         for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
-            ddf_inputs = _ddf_inputs(2, 512, 5, 400, 3, 1, 16, dtype=dtype, channels_last=True)
-            inputs = [t.requires_grad_() for t in ddf_inputs]
-            wide = [t.detach().double().requires_grad_() for t in inputs]
-            ref = ddf_reference(*wide, 3, 1, 1, combine, 16)
-            grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-            got = torch.autograd.grad(ops.ddf(*inputs, 3, 1, 1, combine, 16), inputs, grad_out.to(dtype))
-            want = torch.autograd.grad(ref, wide, grad_out)
+            inputs = [t.requires_grad_()
+                      for t in _ddf_inputs(2, 512, 5, 400, 3, 1, 16, dtype=dtype, channels_last=True)]
+            got, want = _grads_and_reference(lambda *t: ops.ddf(*t, 3, 1, 1, combine, 16),
+                                             lambda *t: ddf_reference(*t, 3, 1, 1, combine, 16), inputs, grad_seed=3)
             assert _max_diff(got[0], want[0]) < tol * max(1.0, want[0].abs().max().item()), (combine, dtype)
 
 

@@ -421,6 +421,34 @@ def test_grad_x_by_output_rows(built):
             assert _max_diff(got[0], want[0]) < tol * max(1.0, want[0].abs().max().item()), (combine, dtype)
 
 
+def test_grad_x_streamed(built):
+    # grad_x over 2 MB that is stored once per input pixel (the stride-1 sweep with a single band of
+    # kernel rows, and the gather at strides over 1) goes out by non-temporal stores, each task
+    # ending with a store fence. 2 x 128 x 48 x 48 is 2.25 MiB in float32 (and 4.5 in float64); DDF
+    # at k = 3 and involution at k = 3 (8 groups) sweep it in one band; at stride 2 (k = 3 and 7) it
+    # is gathered. Tasks of 3 threads start and end inside images.
+    assert 2 * 128 * 48 * 48 * 4 > 2 << 20
+    assert _grad_x_bands(128, 1, 3, 8) == 3 and _grad_x_bands(128, 8, 3, 8) == 3
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-4)):
+        for stride, threads in ((1, 1), (1, 3), (2, 3)):
+            for combine in ("mul", "add"):
+                inputs = [t.requires_grad_()
+                          for t in _ddf_inputs(2, 128, 48, 48, 3, stride, 1, dtype=dtype, channels_last=True, seed=5)]
+                got, want = _grads_and_reference(lambda *t: ops.ddf(*t, 3, 1, stride, combine, 1),
+                                                 lambda *t: ddf_reference(*t, 3, 1, stride, combine, 1), inputs,
+                                                 grad_seed=stride, threads=threads)
+                assert _max_diff(got[0], want[0]) < tol * max(1.0, want[0].abs().max().item()), (
+                    "ddf", stride, threads, combine, dtype)
+            k = 3 if stride == 1 else 7
+            inputs = [t.requires_grad_() for t in _involution_inputs(2, 128, 48, 48, k, stride, 8, dtype=dtype,
+                                                                       channels_last=True, seed=6)]
+            got, want = _grads_and_reference(lambda *t: ops.involution(*t, k, 1, stride),
+                                             lambda *t: involution_reference(*t, k, 1, stride), inputs,
+                                             grad_seed=k, threads=threads)
+            assert _max_diff(got[0], want[0]) < tol * max(1.0, want[0].abs().max().item()), (
+                "involution", stride, threads, dtype)
+
+
 def test_float32_large_channels_and_odd_sizes(built):
     # Channel counts beyond one 64-channel block of the NHWC kernel, not a multiple of it.
     for channels_last in (False, True):

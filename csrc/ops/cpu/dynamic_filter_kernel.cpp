@@ -465,8 +465,9 @@ inline void for_each_tap(const TapWindow& win, F&& at) {
 // of `win`, accumulated in registers. wg: offset of the first vector's group among the weights;
 // kVpg: 0 when the NV vectors share that group, else vector v's group is v / kVpg groups further
 // on, group_stride apart among the weights. cft: the image's (KK, C) channel weights at c0 (unused
-// for involution). kAccumulate: dst[v] += the sum instead.
-template <typename T, Combine mode, int NV, int kVpg, bool kAccumulate = false>
+// for involution). kAccumulate: dst[v] += the sum instead. kStream: stored by non-temporal stores (dst
+// aligned to a vector).
+template <typename T, Combine mode, int NV, int kVpg, bool kAccumulate = false, bool kStream = false>
 inline void filter_pixel(const T* base, const T* wbase, const TapWindow& win, int64_t c0, int64_t wg, const T* cft,
                          int64_t C, int64_t group_stride, T* dst) {
   using S = Simd<T>;
@@ -500,13 +501,14 @@ inline void filter_pixel(const T* base, const T* wbase, const TapWindow& win, in
     V sum = acc[v];
     for (int u = 1; u < kSplit; ++u) sum += acc[u * NV + v];
     if constexpr (kAccumulate) sum += S::load(dst + v * L);
-    S::store(dst + v * L, sum);
+    if constexpr (kStream) S::stream(dst + v * L, sum);
+    else S::store(dst + v * L, sum);
   }
 }
 
 // All channel vectors of one pixel, in blocks of kBlockVectors vectors, then 4, then single ones,
 // through filter_pixel (adding to dst with kAccumulate).
-template <typename T, Combine mode, bool kAccumulate = false>
+template <typename T, Combine mode, bool kAccumulate = false, bool kStream = false>
 inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow& win, const T* cft, T* dst, int vpg,
                                   int64_t group_stride, const FilterGeometry& g) {
   constexpr int64_t L = Simd<T>::kLanes;
@@ -515,7 +517,7 @@ inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow
   auto blocks = [&](auto nv, auto kvpg) {
     constexpr int NV = decltype(nv)::value, kVpg = decltype(kvpg)::value;
     for (; c0 + NV * L <= C; c0 += NV * L)
-      filter_pixel<T, mode, NV, kVpg, kAccumulate>(base, wbase, win, c0, c0 / cpg * group_stride,
+      filter_pixel<T, mode, NV, kVpg, kAccumulate, kStream>(base, wbase, win, c0, c0 / cpg * group_stride,
                                                    cft ? cft + c0 : nullptr, C, group_stride, dst + c0);
   };
   using I = std::integral_constant<int, 1>;
@@ -729,6 +731,21 @@ class RowsAhead {
   int64_t lines_ = 0;
 };
 
+// Where grad_x is stored once per input pixel (the gather below; the stride-1 sweep in a single band)
+// and is over kStreamBytes, it goes out by non-temporal stores: a plain store first reads its line
+// from memory (read for ownership), a second pass over a result that size. DDF's backward on its
+// paper's shape took 69.6 ms (median) against 74.7 (grad_x 26.5 against 30.1), on the stride-2
+// stage shapes 8-12% less (involution's 3-5%), on 56x56 to 14x14 (stride 1) 4%. Smaller results
+// stay on plain stores, which leave them in cache: at 1.6 MB (DDF on 8x256x14x14) non-temporal
+// stores made the backward 8% slower (RESULTS.md, session 20).
+constexpr int64_t kStreamBytes = int64_t(2) << 20;
+
+template <typename T>
+bool stream_grad_x(const T* GX, const FilterGeometry& g) {
+  return g.batch * g.height * g.width * g.channels * int64_t(sizeof(T)) > kStreamBytes &&
+         reinterpret_cast<uintptr_t>(GX) % kVectorBytes == 0;
+}
+
 // grad_x by gathering, for strides over 1: input pixel (iy, ix) sums grad_out times the weight over
 // the taps (i, j) that reach it, from output pixel ((iy - (i - r) d) / s, (ix - (j - r) d) / s) where
 // both divide exactly and lie inside, accumulated in registers (filter_pixel_channels) and stored
@@ -764,6 +781,7 @@ void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, c
   };
   const std::vector<Reach> rows = reaches(H, OH), columns = reaches(W, OW);
   const int64_t OWp = std::max<int64_t>(OW, Simd<T>::kLanes);
+  const bool stream = stream_grad_x(GX, g);
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> xrow(K), wrow(K);
     // kRing: SF's rows transposed to (G*KK, OWp), as in backward_input_nhwc_fast, one slot per output
@@ -786,17 +804,24 @@ void backward_input_nhwc_gather(const T* GO, const T* CFT, const T* SF, T* GX, c
       const T* go = GO + b * OH * OW * C;
       const T* sf = SF + b * OH * OW * GKK;
       const T* cft = CFT ? CFT + (b * KK + ry.tap * K) * C : nullptr;
-      for (int64_t ix = 0; ix < W; ++ix) {
-        const Reach& rx = columns[ix];
-        win.j1 = rx.count - 1;
-        if constexpr (kRing)
-          filter_pixel_channels<T, mode>(go + rx.out * C, ring->data() + rx.out + rx.tap * OWp, win, nullptr,
-                                         GX + (row * W + ix) * C, vpg, KK * OWp, g);
-        else
-          filter_pixel_channels<T, mode>(go + rx.out * C, sf + rx.out * GKK + rx.tap, win,
-                                         cft ? cft + rx.tap * C : nullptr, GX + (row * W + ix) * C, vpg, KK, g);
-      }
+      auto sweep = [&](auto stream_stores) {
+        constexpr bool kStream = decltype(stream_stores)::value;
+        for (int64_t ix = 0; ix < W; ++ix) {
+          const Reach& rx = columns[ix];
+          win.j1 = rx.count - 1;
+          if constexpr (kRing)
+            filter_pixel_channels<T, mode, false, kStream>(go + rx.out * C, ring->data() + rx.out + rx.tap * OWp, win,
+                                                           nullptr, GX + (row * W + ix) * C, vpg, KK * OWp, g);
+          else
+            filter_pixel_channels<T, mode, false, kStream>(go + rx.out * C, sf + rx.out * GKK + rx.tap, win,
+                                                           cft ? cft + rx.tap * C : nullptr, GX + (row * W + ix) * C,
+                                                           vpg, KK, g);
+        }
+      };
+      if (stream) sweep(std::true_type{});
+      else sweep(std::false_type{});
     }
+    if (stream) Simd<T>::stream_fence();
   });
 }
 
@@ -918,6 +943,8 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
     });
     return;
   }
+  // a single band stores each pixel's grad_x once; more bands add to it
+  const bool stream = bands == 1 && stream_grad_x(GX, g);
   at::parallel_for(0, g.batch * H, 1, [&](int64_t begin, int64_t end) {
     std::optional<TransposedRows<T>> rows;
     if (!in_place) rows.emplace(SF, OW, GKK, OWp, 0, slots);
@@ -968,11 +995,14 @@ void backward_input_nhwc_fast(const T* GO, const T* CFT, const T* SF, T* GX, con
           const T* go = GO + (q0 + ix) * C;
           T* gx = GX + (row * W + ix) * C;
           const T* w = weights + (in_place ? ix * GKK : ix);
-          if (band == 0) filter_pixel_channels<T, mode>(go, w, bw, cft, gx, vpg, group_stride, g);
+          if (band == 0 && stream)
+            filter_pixel_channels<T, mode, false, true>(go, w, bw, cft, gx, vpg, group_stride, g);
+          else if (band == 0) filter_pixel_channels<T, mode>(go, w, bw, cft, gx, vpg, group_stride, g);
           else filter_pixel_channels<T, mode, true>(go, w, bw, cft, gx, vpg, group_stride, g);
         }
       }
     }
+    if (stream) Simd<T>::stream_fence();
   });
 }
 

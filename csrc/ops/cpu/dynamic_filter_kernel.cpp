@@ -1049,16 +1049,16 @@ inline void store_tap_quad(const typename Simd<T>::V* acc, T* dst, int64_t pitch
 // s) / s. (Until session 18 strides over 1 took backward_filters_nhwc_fast's channel lanes, whose
 // sums across lanes cost more than the multiply-adds with 16 channels per group.) A row is swept
 // one group at a time, so that the group's input rows (7 x NCH rows, 28 KB on 56-pixel rows) stay
-// in L1 from block to block; sweeping all groups
-// at each block made this filter gradient 5% slower on 2x64x56x56 and 1x256x50x150 (one thread),
-// and involution's backward 2-5% slower at batch 32 on 56x56 maps and the DDF paper's shape
-// (RESULTS.md, session 16); holding the whole row's results (950 KB on that shape) was no slower
-// than strips of 64-256 KB. Each quad of taps' sums is transposed in registers to (pixel, tap)
-// into a buffer of the row's results, written to GSF by non-temporal stores (as in
-// backward_spatial_nhwc_taps below: the backward on 32x64x56x56 7-15% faster, on the DDF paper's
-// shape no different). Until session 18 the sums were kept as vectors and the row's transposed
-// block by block at its end, which took a seventh of this gradient's time; in registers, it took
-// 9% less time on 32x64x56x56 (one thread) and the backward 3% less (RESULTS.md).
+// in L1 from block to block; sweeping all groups at each block made this filter gradient 5% slower
+// on 2x64x56x56 and 1x256x50x150 (one thread), and involution's backward 2-5% slower at batch 32 on
+// 56x56 maps and the DDF paper's shape (RESULTS.md, session 16); holding the whole row's results
+// (950 KB on that shape) was no slower than strips of 64-256 KB. Each quad of taps' sums is
+// transposed in registers to (pixel, tap) into a buffer of the row's results, written to GSF by
+// non-temporal stores (as in backward_spatial_nhwc_taps below: the backward on 32x64x56x56 7-15%
+// faster, on the DDF paper's shape no different). Until session 18 the sums were kept as vectors
+// and the row's transposed block by block at its end, which took a seventh of this gradient's time;
+// in registers, it took 9% less time on 32x64x56x56 (one thread) and the backward 3% less
+// (RESULTS.md).
 template <typename T, int NCH>
 void backward_spatial_nhwc_pixels(const T* GO, const T* X, T* GSF, const FilterGeometry& g) {
   using S = Simd<T>;

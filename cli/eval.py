@@ -105,7 +105,9 @@ def eval_command(model_name, weights, imagenet_c, imagenet_val, on_the_fly, no_j
     corruptions at 5 severities (and the clean set, for relative mCE) are there.
     """
     from robustbench_dyn.evaluate import evaluate
+    from robustbench_dyn.models import model_config
 
+    model_config(model_name)  # an unknown name is one error line, before any warning about it
     if weights is None:
         click.secho(f"WARNING: no --weights: {model_name} will have RANDOM weights; its errors mean nothing.",
                     fg="red", bold=True, err=True)

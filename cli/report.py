@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import click
 
@@ -30,7 +31,7 @@ def _command_line(sources, baseline, models, out, n_boot, level, seed) -> str:
               help="The model (or run label, or run key prefix) every other run is compared with, e.g. resnet50.")
 @click.option("--models", multiple=True,
               help="Runs to compare, comma-separated or repeated [default: every other run in the stores].")
-@click.option("--out", type=PATH, required=True, help="Folder for the report.")
+@click.option("--out", type=PATH, default=Path("report"), show_default=True, help="Folder for the report.")
 @click.option("--bootstrap", "n_boot", type=int, default=2000, show_default=True,
               help="Bootstrap replicates for the intervals (at least 100).")
 @click.option("--level", type=float, default=0.95, show_default=True, help="Confidence level of the intervals.")

@@ -211,6 +211,16 @@ def test_user_errors_are_one_clear_line(data, tmp_path, args, message):
     assert message in result.stderr
 
 
+def test_an_unknown_model_is_one_line_without_the_random_weights_warning(data, tmp_path):
+    script = Path(sys.executable).with_name("dynrobust")
+    result = subprocess.run([str(script), "eval", "--model", "resnet5", "--imagenet-c", str(data["flat"]),
+                             "--out", str(tmp_path / "o"), "-q"], capture_output=True, text=True)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown model 'resnet5'; did you mean resnet50"), lines
+    assert not (tmp_path / "o").exists()
+
+
 def test_two_folders_of_one_corruption_are_an_error_naming_both(data, tmp_path):
     tree = tmp_path / "tree"
     for category in ("noise", "more_noise"):

@@ -386,6 +386,17 @@ def test_bad_input_is_one_error_line(store_dir, tmp_path, capsys, args, message)
     assert "Traceback" not in err
 
 
+def test_without_out_the_report_goes_to_report_in_the_current_folder(store_dir, tmp_path, capsys, monkeypatch):
+    # the mission's own command line: `dynrobust report runs/ --baseline resnet50`
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_report([store_dir, "--baseline", "resnet50", "-q", "--bootstrap", "100"], capsys)
+    assert code == 0, err
+    assert "report:  report/report.md" in out
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    assert summary["label"].tolist() == ["resnet50", "binet50_dcca", "resnext50_32x4d"]
+    assert "--out report" in (tmp_path / "report" / "report.md").read_text()
+
+
 def test_two_runs_of_one_model_are_told_apart_by_their_weights(tmp_path, capsys):
     for sha, weights in (("a", "ckpt/first.pth"), ("b", "ckpt/second.pth")):
         add_run(tmp_path / "runs", "resnet50", sha, lambda c, s: 0.5, 1, corruptions=("fog",), severities=(1,),

@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from sample_tree import build_sample_tree
 
 
 def main():
-    from robustbench_dyn.data.build_imagenet_c import build_imagenet_c
     from robustbench_dyn.data.images import load_rgb
     from robustbench_dyn.evaluate import evaluate
     from robustbench_dyn.models import create_model, model_config
-    from robustbench_dyn.sample import write_sample_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
@@ -42,12 +40,7 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        clean = write_sample_dataset(tmp / "clean")
-        for photo in list(clean.glob("*/*")):
-            for k in range(1, args.copies):
-                shutil.copyfile(photo, photo.with_name(f"{photo.stem}_{k}{photo.suffix}"))
-        tree = tmp / "imagenet-c"
-        build_imagenet_c(clean, tree, args.corruptions, args.severities, progress=False)
+        tree = build_sample_tree(tmp, args.copies, args.corruptions, args.severities)
         cells = sorted({p.parent.parent for p in tree.rglob("*.jpg")})
         batches = []  # the pipeline's batches: per cell, images sorted by id, cut every batch_size
         files = []

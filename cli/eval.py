@@ -103,12 +103,18 @@ def eval_command(model_name, weights, imagenet_c, imagenet_val, on_the_fly, no_j
     in chunks: after a crash, run the same command again and only the missing chunks are evaluated.
     Prints top-1 error per corruption and severity, and mCE / relative mCE when the 15 standard
     corruptions at 5 severities (and the clean set, for relative mCE) are there.
+
+    Several GPUs or machines: start it with torchrun (`torchrun --nproc-per-node 4 -m robustbench_dyn
+    eval ... --device cuda`); each rank evaluates a fixed share on cuda:LOCAL_RANK, and rank 0
+    merges the shares into OUT/results.sqlite and prints the results.
     """
+    from robustbench_dyn.distributed import Ranks
     from robustbench_dyn.evaluate import evaluate
     from robustbench_dyn.models import model_config
 
     model_config(model_name)  # an unknown name is one error line, before any warning about it
-    if weights is None:
+    first_rank = Ranks.from_environment().rank == 0  # under torchrun, only rank 0 speaks
+    if weights is None and first_rank:
         click.secho(f"WARNING: no --weights: {model_name} will have RANDOM weights; its errors mean nothing.",
                     fg="red", bold=True, err=True)
     summary = evaluate(
@@ -117,6 +123,8 @@ def eval_command(model_name, weights, imagenet_c, imagenet_val, on_the_fly, no_j
         batch_size=batch_size, workers=workers, device=device, amp=amp, channels_last=channels_last, out=out,
         strict=strict, progress=not quiet,
     )
+    if summary.rank > 0:
+        return
     rows = summary_rows(summary)
     metrics = summary_metrics(summary)
     if fmt == "json":

@@ -3,7 +3,8 @@
 Work is split into chunks of ``batch_size`` images of one (corruption, severity) cell, always cut at
 the same places (the cell's images sorted by id), so a rerun after a crash or ``kill -9`` evaluates
 exactly the batches that were lost and the results equal those of an uninterrupted run. Each chunk
-is committed to the SQLite store in one transaction.
+is committed to the SQLite store in one transaction. Under torchrun the chunks are shared out among
+the ranks (:mod:`robustbench_dyn.distributed`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from robustbench_dyn.corruptions import CORRUPTION_NAMES, canonical_seed, corrup
 from robustbench_dyn.data import build_imagenet_c as imagenet_c_recipe
 from robustbench_dyn.data.images import decode_jpeg, encode_jpeg, load_rgb, resize_center_crop
 from robustbench_dyn.data.imagenet import labelled_images, locate_imagenet_c
+from robustbench_dyn.distributed import ProcessGroup, Ranks, merge_parts, part_folder
 from robustbench_dyn.errors import BadImageError, DynrobustError
 from robustbench_dyn.profile import to_channels_last
 from robustbench_dyn.progress import progress_bar
-from robustbench_dyn.store import CLEAN, ResultsStore, RunIdentity
+from robustbench_dyn.store import CLEAN, STORE_NAME, ResultsStore, RunIdentity
 
 RANDOM_INIT_SEED = 0
 
@@ -61,6 +63,8 @@ class EvalSummary:
     elapsed_s: float = 0.0
     device: str = "cpu"
     notes: list = field(default_factory=list)
+    rank: int = 0  # of a distributed run (torchrun): only rank 0's summary has the errors and counts
+    world_size: int = 1
 
 
 class _ImageStream(torch.utils.data.Dataset):
@@ -154,6 +158,29 @@ def plan_cells(imagenet_c, imagenet_val, on_the_fly, corruptions, severities, li
     return cells
 
 
+def _share(cells, batch_size: int, done: set, ranks: Ranks):
+    """This rank's work: (items, units, already). The plan cuts every cell's images into batches
+    (work units) at fixed places; the rank owns units by their index in the whole plan, done or not,
+    so that its share does not depend on what an earlier run finished. ``items``: the (cell, image)
+    pairs still to evaluate; ``units``: (cell, [item indices]), one batch each; ``already``: images
+    of the share that ``done`` holds."""
+    items, units = [], []
+    already = 0
+    index = 0
+    for cell in cells:
+        for start in range(0, len(cell.images), batch_size):
+            index += 1
+            if not ranks.owns(index - 1):
+                continue
+            todo = [im for im in cell.images[start : start + batch_size]
+                    if (cell.corruption, cell.severity, im.image_id) not in done]
+            already += min(batch_size, len(cell.images) - start) - len(todo)
+            if todo:
+                units.append((cell, list(range(len(items), len(items) + len(todo)))))
+                items += [(cell, im) for im in todo]
+    return items, units, already
+
+
 def _ops_backend(used: dict) -> str:
     """What the runs table records as the ops backend: which implementation of DDF/involution ran
     (``used``: from :func:`robustbench_dyn.ops.record_backends`)."""
@@ -190,11 +217,17 @@ def evaluate(
     few % of a CPU forward) and min(8, CPUs) on CUDA. Raises DynrobustError for bad options, paths,
     layouts and checkpoints; a bad image is recorded and skipped, or with ``strict`` ends the run
     after the chunks already evaluated are committed.
+
+    Under torchrun (``WORLD_SIZE`` > 1 in the environment) this is one rank of a distributed run:
+    see :mod:`robustbench_dyn.distributed`. Rank 0's summary covers the whole run; another rank's
+    has its own counts and no errors.
     """
     from robustbench_dyn.models import create_model, model_config
     from robustbench_dyn.models.checkpoint import weights_sha256
 
     started = time.perf_counter()
+    ranks = Ranks.from_environment()
+    device = ranks.device(device)
     _check_options(batch_size, limit, workers, device)
     if not jpeg_round_trip and not on_the_fly:
         raise DynrobustError("--no-jpeg applies to --on-the-fly only: the files of an ImageNet-C tree, and the clean "
@@ -241,71 +274,88 @@ def evaluate(
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "options": {"batch_size": batch_size, "amp": amp, "channels_last": channels_last, "limit": limit},
     }
-    with ResultsStore(out) as store:
-        run_id = store.open_run(identity, None if weights is None else str(weights), run_context)
-        store.claim_cells(run_id, [(c.corruption, c.severity, c.source, c.origin) for c in cells])
-        done = store.done_images(run_id)
-        items, units = [], []  # units: (cell, [item indices]), one batch each
-        already = 0
-        for cell in cells:
-            for start in range(0, len(cell.images), batch_size):
-                todo = [im for im in cell.images[start : start + batch_size]
-                        if (cell.corruption, cell.severity, im.image_id) not in done]
-                already += min(batch_size, len(cell.images) - start) - len(todo)
-                if todo:
-                    units.append((cell, list(range(len(items), len(items) + len(todo)))))
-                    items += [(cell, im) for im in todo]
-
-        summary = EvalSummary(run_id, store.path, model_name, None if weights is None else str(weights),
-                              cells, images_already_done=already, device=device, notes=notes)
-        loader = torch.utils.data.DataLoader(
-            _ImageStream(items, config, jpeg_round_trip),
-            batch_sampler=[unit[1] for unit in units],
-            num_workers=workers,
-            collate_fn=_collate,
-            pin_memory=device.startswith("cuda"),
-            worker_init_fn=_worker_init if workers else None,
-        )
-        autocast = torch.autocast(
-            device_type="cuda" if device.startswith("cuda") else "cpu",
-            dtype=torch.float16 if device.startswith("cuda") else torch.bfloat16,
-            enabled=amp,
-        )
-        bar = progress_bar(total=len(items), desc=model_name, unit="img", enabled=progress)
-        with ops.record_backends() as ops_used:
-            try:
-                for (cell, _), (indices, pixels, bad) in zip(units, loader):
-                    bar.set_postfix_str(f"{cell.corruption}/{cell.severity}" if cell.severity else cell.corruption, refresh=False)
-                    records = []
-                    if pixels is not None:
-                        x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-                        x = (x - mean) / std
-                        if channels_last:
-                            x = x.contiguous(memory_format=torch.channels_last)
-                        with torch.inference_mode(), autocast:
-                            logits = model(x)
-                        top5 = logits.float().topk(5, dim=1).indices.cpu().tolist()
-                        for i, predicted in zip(indices, top5):
-                            image = items[i][1]
-                            records.append((image.image_id, image.label, predicted))
-                    bad_rows = [(items[i][1].image_id, str(items[i][1].path), reason) for i, reason in bad]
-                    if records and run_context["ops_backend"] != _ops_backend(ops_used):
-                        # the first batch through a dynamic model shows which ops backend ran
-                        run_context["ops_backend"] = _ops_backend(ops_used)
-                        store.open_run(identity, None if weights is None else str(weights), run_context)
-                    store.commit_batch(run_id, cell.corruption, cell.severity, records, bad_rows)
-                    summary.images_evaluated += len(records)
-                    bar.update(len(records) + len(bad_rows))
-                    if bad_rows and strict:
-                        raise DynrobustError(
-                            f"bad image {bad_rows[0][1]}: {bad_rows[0][2]} (--strict); the "
-                            f"{summary.images_evaluated} images evaluated so far are saved in {store.path}"
-                        )
-            finally:
-                bar.close()
-        store.mark_finished(run_id)
-        wanted = {(c.corruption, c.severity) for c in cells}
-        summary.errors = _only_cells(store.cell_errors(run_id), wanted)
-        summary.bad_images = _only_cells(store.bad_images(run_id), wanted)
+    if ranks.distributed:
+        run_context["options"]["ranks"] = ranks.world_size
+    weights_text = None if weights is None else str(weights)
+    claims = [(c.corruption, c.severity, c.source, c.origin) for c in cells]
+    with ProcessGroup(ranks) as group:
+        if ranks.rank == 0:
+            # before any other rank opens its part: the parts of an earlier run that was stopped
+            with ResultsStore(out) as store:
+                merge_parts(store, out)
+                store.claim_cells(store.open_run(identity, weights_text, run_context), claims)
+        group.barrier()
+        with ResultsStore(out if ranks.rank == 0 else part_folder(out, ranks.rank)) as store:
+            run_id = store.open_run(identity, weights_text, run_context)
+            store.claim_cells(run_id, claims)
+            done = store.done_images(run_id)
+            if ranks.rank > 0:
+                with ResultsStore.open_existing(out) as main:
+                    done |= main.done_images(main.find_run(identity))
+            items, units, already = _share(cells, batch_size, done, ranks)
+            summary = EvalSummary(run_id, Path(out) / STORE_NAME, model_name, weights_text, cells,
+                                  images_already_done=already, device=device, notes=notes, rank=ranks.rank,
+                                  world_size=ranks.world_size)
+            saved_in = str(store.path)
+            if ranks.rank > 0:
+                saved_in += f" (merged into {summary.store} by the next run)"
+            loader = torch.utils.data.DataLoader(
+                _ImageStream(items, config, jpeg_round_trip),
+                batch_sampler=[unit[1] for unit in units],
+                num_workers=workers,
+                collate_fn=_collate,
+                pin_memory=device.startswith("cuda"),
+                worker_init_fn=_worker_init if workers else None,
+            )
+            autocast = torch.autocast(
+                device_type="cuda" if device.startswith("cuda") else "cpu",
+                dtype=torch.float16 if device.startswith("cuda") else torch.bfloat16,
+                enabled=amp,
+            )
+            shown = model_name if not ranks.distributed else f"{model_name} (rank 0 of {ranks.world_size})"
+            bar = progress_bar(total=len(items), desc=shown, unit="img", enabled=progress and ranks.rank == 0)
+            with ops.record_backends() as ops_used:
+                try:
+                    for (cell, _), (indices, pixels, bad) in zip(units, loader):
+                        bar.set_postfix_str(f"{cell.corruption}/{cell.severity}" if cell.severity else cell.corruption,
+                                            refresh=False)
+                        records = []
+                        if pixels is not None:
+                            x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+                            x = (x - mean) / std
+                            if channels_last:
+                                x = x.contiguous(memory_format=torch.channels_last)
+                            with torch.inference_mode(), autocast:
+                                logits = model(x)
+                            top5 = logits.float().topk(5, dim=1).indices.cpu().tolist()
+                            for i, predicted in zip(indices, top5):
+                                image = items[i][1]
+                                records.append((image.image_id, image.label, predicted))
+                        bad_rows = [(items[i][1].image_id, str(items[i][1].path), reason) for i, reason in bad]
+                        if records and run_context["ops_backend"] != _ops_backend(ops_used):
+                            # the first batch through a dynamic model shows which ops backend ran
+                            run_context["ops_backend"] = _ops_backend(ops_used)
+                            store.open_run(identity, weights_text, run_context)
+                        store.commit_batch(run_id, cell.corruption, cell.severity, records, bad_rows)
+                        summary.images_evaluated += len(records)
+                        bar.update(len(records) + len(bad_rows))
+                        if bad_rows and strict:
+                            raise DynrobustError(
+                                f"bad image {bad_rows[0][1]}: {bad_rows[0][2]} (--strict); the "
+                                f"{summary.images_evaluated} images evaluated so far are saved in {saved_in}"
+                            )
+                finally:
+                    bar.close()
+            if ranks.rank > 0:
+                store.close()  # its part is complete: rank 0 merges it after the gather below
+            counts = group.gather((summary.images_evaluated, summary.images_already_done))
+            if ranks.rank == 0:
+                merge_parts(store, out)
+                store.mark_finished(run_id)
+                summary.images_evaluated = sum(evaluated for evaluated, _ in counts)
+                summary.images_already_done = sum(known for _, known in counts)
+                wanted = {(c.corruption, c.severity) for c in cells}
+                summary.errors = _only_cells(store.cell_errors(run_id), wanted)
+                summary.bad_images = _only_cells(store.bad_images(run_id), wanted)
     summary.elapsed_s = time.perf_counter() - started
     return summary

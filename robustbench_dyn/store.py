@@ -308,6 +308,12 @@ class ResultsStore:
             )
             return int(row[0])
 
+    @_sqlite_errors("read")
+    def find_run(self, identity: RunIdentity) -> int | None:
+        """The run id of ``identity`` in this store, or None."""
+        row = self.db.execute("SELECT run_id FROM runs WHERE run_key=?", (identity.key,)).fetchone()
+        return None if row is None else int(row[0])
+
     @_sqlite_errors("write")
     def mark_finished(self, run_id: int) -> None:
         """Record that every requested image of the run is done."""
@@ -380,6 +386,49 @@ class ResultsStore:
                 [(run_id, corruption, severity, i, p, r) for i, p, r in bad],
             )
             self.db.execute("UPDATE runs SET updated_at=? WHERE run_id=?", (time.time(), run_id))
+
+    @_sqlite_errors("write")
+    def merge_store(self, other) -> int:
+        """Add the runs, cells, records and bad images of the store file ``other`` to this store, in
+        one transaction (runs matched by run key; a record or bad image already here is replaced);
+        return the number of records added or replaced. ``other`` is left as it was.
+
+        Raises DynrobustError if ``other`` is not a results store of this schema, or holds a cell of
+        a run from another origin than this store does (as :meth:`claim_cells`).
+        """
+        other = Path(other)
+        with ResultsStore.open_existing(other):
+            pass  # checks that it is a store of this schema, with one clear error if not
+        self.db.execute("ATTACH DATABASE ? AS part", (str(other),))
+        try:
+            clashes = self.db.execute(
+                "SELECT c.corruption, c.severity, c.origin, mc.origin FROM part.cells c"
+                " JOIN part.runs pr USING (run_id) JOIN main.runs mr ON mr.run_key = pr.run_key"
+                " JOIN main.cells mc ON mc.run_id = mr.run_id AND mc.corruption = c.corruption"
+                " AND mc.severity = c.severity WHERE mc.source != c.source OR mc.origin != c.origin").fetchall()
+            if clashes:
+                corruption, severity, theirs, ours = clashes[0]
+                raise DynrobustError(f"{other} holds {corruption}/{severity} from {theirs}, but {self.path} holds it "
+                                     f"from {ours}: results of different data are not merged")
+            identity = "run_key, model, weights, weights_sha256, preprocessing"
+            context = "ops_backend, torch_version, device, options, started_at, updated_at, finished_at"
+            mapped = "JOIN part.runs pr ON pr.run_id = x.run_id JOIN main.runs mr ON mr.run_key = pr.run_key"
+            with self.db:
+                self.db.execute(f"INSERT OR IGNORE INTO main.runs ({identity}, {context})"
+                                f" SELECT {identity}, {context} FROM part.runs")
+                self.db.execute("INSERT OR IGNORE INTO main.cells SELECT mr.run_id, x.corruption, x.severity,"
+                                f" x.source, x.origin FROM part.cells x {mapped}")
+                before = self.db.total_changes
+                self.db.execute("INSERT OR REPLACE INTO main.records SELECT mr.run_id, x.corruption, x.severity,"
+                                f" x.image_id, x.label, x.top1, x.top5, x.correct1, x.correct5 FROM part.records x {mapped}")
+                added = self.db.total_changes - before
+                self.db.execute("INSERT OR REPLACE INTO main.bad_images SELECT mr.run_id, x.corruption, x.severity,"
+                                f" x.image_id, x.path, x.reason FROM part.bad_images x {mapped}")
+                self.db.execute("UPDATE main.runs SET updated_at=? WHERE run_key IN (SELECT run_key FROM part.runs)",
+                                (time.time(),))
+        finally:
+            self.db.execute("DETACH DATABASE part")
+        return added
 
     @_sqlite_errors("read")
     def records(self, run_id: int | None = None) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from robustbench_dyn.corruptions import CORRUPTION_NAMES, canonical_seed, corrup
 from robustbench_dyn.data import build_imagenet_c as imagenet_c_recipe
 from robustbench_dyn.data.images import decode_jpeg, encode_jpeg, load_rgb, resize_center_crop
 from robustbench_dyn.data.imagenet import labelled_images, locate_imagenet_c
-from robustbench_dyn.distributed import ProcessGroup, Ranks, merge_parts, part_folder
+from robustbench_dyn.distributed import PARTS_FOLDER, ProcessGroup, Ranks, merge_parts, part_folder
 from robustbench_dyn.errors import BadImageError, DynrobustError
 from robustbench_dyn.profile import to_channels_last
 from robustbench_dyn.progress import progress_bar
@@ -181,6 +181,16 @@ def _share(cells, batch_size: int, done: set, ranks: Ranks):
     return items, units, already
 
 
+def _done_in_main_store(out, identity: RunIdentity, ranks: Ranks) -> set:
+    """What rank 0's store (``out``) holds of the run, as a rank > 0 sees it."""
+    try:
+        with ResultsStore.open_existing(out) as main:
+            return main.done_images(main.find_run(identity))
+    except DynrobustError as exc:
+        raise DynrobustError(f"rank {ranks.rank}: {exc}; under torchrun, --out must be a folder that every rank sees "
+                             "(a shared file system), where rank 0 has just opened the store") from None
+
+
 def _ops_backend(used: dict) -> str:
     """What the runs table records as the ops backend: which implementation of DDF/involution ran
     (``used``: from :func:`robustbench_dyn.ops.record_backends`)."""
@@ -290,8 +300,7 @@ def evaluate(
             store.claim_cells(run_id, claims)
             done = store.done_images(run_id)
             if ranks.rank > 0:
-                with ResultsStore.open_existing(out) as main:
-                    done |= main.done_images(main.find_run(identity))
+                done |= _done_in_main_store(out, identity, ranks)
             items, units, already = _share(cells, batch_size, done, ranks)
             summary = EvalSummary(run_id, Path(out) / STORE_NAME, model_name, weights_text, cells,
                                   images_already_done=already, device=device, notes=notes, rank=ranks.rank,
@@ -350,6 +359,13 @@ def evaluate(
                 store.close()  # its part is complete: rank 0 merges it after the gather below
             counts = group.gather((summary.images_evaluated, summary.images_already_done))
             if ranks.rank == 0:
+                unseen = [r for r in range(1, ranks.world_size) if not (part_folder(out, r) / STORE_NAME).is_file()]
+                if unseen:
+                    raise DynrobustError(
+                        f"rank 0 cannot see the results of rank(s) {', '.join(map(str, unseen))} in "
+                        f"{Path(out) / PARTS_FOLDER}: --out must be a folder that every rank sees (a shared file "
+                        "system); each rank's results stay in its own OUT/parts/rank-<r>, copy them there and run "
+                        "the command again to merge them")
                 merge_parts(store, out)
                 store.mark_finished(run_id)
                 summary.images_evaluated = sum(evaluated for evaluated, _ in counts)

@@ -186,3 +186,58 @@ def test_a_part_from_other_data_is_not_merged(tmp_path):
     assert (part_folder(out, 1) / "results.sqlite").exists()  # kept, not lost
     with ResultsStore(out) as store:
         assert len(store.records()) == 1
+
+
+# --- ranks that do not share --out ---------------------------------------------------------------
+
+
+class _LonelyGroup:
+    """A process group whose other ranks did their share somewhere this rank cannot see."""
+
+    def __init__(self, ranks):
+        self.ranks = ranks
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def barrier(self):
+        pass
+
+    def gather(self, value):
+        return [value] + [(0, 0)] * (self.ranks.world_size - 1)
+
+
+def _cell_ids(data, corruption, severity):
+    """The image ids of one cell of the tree, in the order the plan cuts them into batches."""
+    folder = data["tree"] / corruption / str(severity)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
+
+
+def test_rank_0_refuses_to_finish_without_the_other_ranks_parts(data, tmp_path, monkeypatch):
+    monkeypatch.setattr("robustbench_dyn.evaluate.ProcessGroup", _LonelyGroup)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "out"
+    with pytest.raises(DynrobustError) as raised:
+        evaluate(MODEL, weights=data["weights"], imagenet_c=data["tree"], corruptions="fog", severities="1",
+                 batch_size=2, out=out, progress=False)
+    assert str(raised.value).startswith(f"rank 0 cannot see the results of rank(s) 1, 2 in {out / PARTS_FOLDER}: "
+                                        "--out must be a folder that every rank sees")
+    with ResultsStore.open_existing(out) as store:  # its own share is kept: fog/1's first batch of 2
+        assert sorted(store.records().image_id) == _cell_ids(data, "fog", 1)[:2]
+
+
+def test_a_rank_that_cannot_see_rank_0s_store_says_so(data, tmp_path, monkeypatch):
+    monkeypatch.setattr("robustbench_dyn.evaluate.ProcessGroup", _LonelyGroup)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "out"
+    with pytest.raises(DynrobustError) as raised:
+        evaluate(MODEL, weights=data["weights"], imagenet_c=data["tree"], corruptions="fog", severities="1",
+                 batch_size=2, out=out, progress=False)
+    assert str(raised.value) == (f"rank 1: no results store at {out / 'results.sqlite'}; under torchrun, --out must "
+                                 "be a folder that every rank sees (a shared file system), where rank 0 has just "
+                                 "opened the store")

@@ -87,7 +87,7 @@ def render_table(summary, metrics) -> str:
 @click.option("-s", "--severities", default="1-5", show_default=True, help="A range like 1-5 or a list like 1,3,5.")
 @click.option("--limit", type=int, help="At most N images per cell, class-balanced and deterministic.")
 @click.option("-b", "--batch-size", type=int, default=64, show_default=True)
-@click.option("-j", "--workers", type=int, help="Data-loading processes [default: 0 on CPU, min(8, CPUs) on CUDA].")
+@click.option("-j", "--workers", type=int, help="Data-loading processes [default: 0 on CPU, min(8, CPUs) on CUDA; CPUs per rank under torchrun].")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--amp", is_flag=True, help="Mixed precision (float16 on CUDA, bfloat16 on CPU).")
 @click.option("--channels-last", is_flag=True, help="channels_last memory format for model and inputs.")

@@ -50,11 +50,12 @@ class Ranks:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this machine
 
     @classmethod
     def from_environment(cls, environ=None) -> "Ranks":
-        """Read ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` as torchrun sets them; without
-        ``WORLD_SIZE`` this is a process alone."""
+        """Read ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` as torchrun sets
+        them; without ``WORLD_SIZE`` this is a process alone."""
         environ = os.environ if environ is None else environ
         world_size = _environment_int(environ, "WORLD_SIZE")
         if world_size is None:
@@ -66,7 +67,9 @@ class Ranks:
         if rank is None or not 0 <= rank < world_size:
             raise DynrobustError(f"WORLD_SIZE={world_size} but RANK={environ.get('RANK')!r}: start the ranks with "
                                  "torchrun, which sets both (RANK from 0 to WORLD_SIZE - 1)")
-        return cls(rank=rank, world_size=world_size, local_rank=local_rank if local_rank is not None else 0)
+        local_world_size = _environment_int(environ, "LOCAL_WORLD_SIZE")
+        return cls(rank=rank, world_size=world_size, local_rank=local_rank if local_rank is not None else 0,
+                   local_world_size=max(1, local_world_size) if local_world_size is not None else 1)
 
     @property
     def distributed(self) -> bool:

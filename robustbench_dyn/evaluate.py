@@ -224,7 +224,7 @@ def evaluate(
     Results go to ``<out>/results.sqlite``; calling again with the same arguments resumes (only
     missing chunks are evaluated). Without ``weights`` the model is randomly initialised (seed 0),
     and the summary says so. ``workers=None`` means 0 on CPU (decoding in the main process costs a
-    few % of a CPU forward) and min(8, CPUs) on CUDA. Raises DynrobustError for bad options, paths,
+    few % of a CPU forward) and min(8, CPUs) on CUDA (CPUs per rank under torchrun). Raises DynrobustError for bad options, paths,
     layouts and checkpoints; a bad image is recorded and skipped, or with ``strict`` ends the run
     after the chunks already evaluated are committed.
 
@@ -244,7 +244,7 @@ def evaluate(
                              "images, are evaluated as they are stored")
     config = model_config(model_name).preprocessing
     if workers is None:
-        workers = 0 if device == "cpu" else min(8, os.cpu_count() or 1)
+        workers = 0 if device == "cpu" else min(8, max(1, (os.cpu_count() or 1) // ranks.local_world_size))
     # the checkpoint first: a bad one should fail before a long scan of the dataset
     torch.manual_seed(RANDOM_INIT_SEED)
     model = create_model(model_name, weights=weights)

@@ -70,7 +70,7 @@ def _torchrun(ranks, args, out):
     [
         ({}, Ranks(0, 1, 0)),
         ({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, Ranks(0, 1, 0)),
-        ({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1"}, Ranks(5, 8, 1)),
+        ({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}, Ranks(5, 8, 1, 4)),
         ({"WORLD_SIZE": "4", "RANK": "3"}, Ranks(3, 4, 0)),
     ],
 )

@@ -216,28 +216,28 @@ def _cell_ids(data, corruption, severity):
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.jpg"))
 
 
-def test_rank_0_refuses_to_finish_without_the_other_ranks_parts(data, tmp_path, monkeypatch):
+def _lonely_rank(data, out, monkeypatch, rank, world_size) -> str:
+    """The error of rank ``rank`` of ``world_size`` evaluating fog/1 alone (no other rank's files)."""
     monkeypatch.setattr("robustbench_dyn.evaluate.ProcessGroup", _LonelyGroup)
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setenv("RANK", "0")
-    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.setenv("RANK", str(rank))
     with pytest.raises(DynrobustError) as raised:
         evaluate(MODEL, weights=data["weights"], imagenet_c=data["tree"], corruptions="fog", severities="1",
                  batch_size=2, out=out, progress=False)
-    assert str(raised.value).startswith(f"rank 0 cannot see the results of rank(s) 1, 2 in {out / PARTS_FOLDER}: "
-                                        "--out must be a folder that every rank sees")
+    return str(raised.value)
+
+
+def test_rank_0_refuses_to_finish_without_the_other_ranks_parts(data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    message = _lonely_rank(data, out, monkeypatch, rank=0, world_size=3)
+    assert message.startswith(f"rank 0 cannot see the results of rank(s) 1, 2 in {out / PARTS_FOLDER}: "
+                              "--out must be a folder that every rank sees")
     with ResultsStore.open_existing(out) as store:  # its own share is kept: fog/1's first batch of 2
         assert sorted(store.records().image_id) == _cell_ids(data, "fog", 1)[:2]
 
 
 def test_a_rank_that_cannot_see_rank_0s_store_says_so(data, tmp_path, monkeypatch):
-    monkeypatch.setattr("robustbench_dyn.evaluate.ProcessGroup", _LonelyGroup)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
     out = tmp_path / "out"
-    with pytest.raises(DynrobustError) as raised:
-        evaluate(MODEL, weights=data["weights"], imagenet_c=data["tree"], corruptions="fog", severities="1",
-                 batch_size=2, out=out, progress=False)
-    assert str(raised.value) == (f"rank 1: no results store at {out / 'results.sqlite'}; under torchrun, --out must "
-                                 "be a folder that every rank sees (a shared file system), where rank 0 has just "
-                                 "opened the store")
+    assert _lonely_rank(data, out, monkeypatch, rank=1, world_size=2) == (
+        f"rank 1: no results store at {out / 'results.sqlite'}; under torchrun, --out must be a folder that every "
+        "rank sees (a shared file system), where rank 0 has just opened the store")

@@ -44,6 +44,7 @@ def _predictions(out):
 def main():
     import torch
 
+    from robustbench_dyn.models import create_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
@@ -61,8 +62,6 @@ def main():
         tree = build_sample_tree(tmp, args.copies, args.corruptions, args.severities)
         images = sum(1 for _ in tree.rglob("*.jpg"))
         weights = tmp / "weights.pth"
-        from robustbench_dyn.models import create_model
-
         torch.manual_seed(0)
         torch.save(create_model(args.model).state_dict(), weights)
         eval_args = ["eval", "--model", args.model, "--weights", str(weights), "--imagenet-c", str(tree),

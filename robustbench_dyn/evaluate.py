@@ -64,7 +64,6 @@ class EvalSummary:
     device: str = "cpu"
     notes: list = field(default_factory=list)
     rank: int = 0  # of a distributed run (torchrun): only rank 0's summary has the errors and counts
-    world_size: int = 1
 
 
 class _ImageStream(torch.utils.data.Dataset):
@@ -224,9 +223,9 @@ def evaluate(
     Results go to ``<out>/results.sqlite``; calling again with the same arguments resumes (only
     missing chunks are evaluated). Without ``weights`` the model is randomly initialised (seed 0),
     and the summary says so. ``workers=None`` means 0 on CPU (decoding in the main process costs a
-    few % of a CPU forward) and min(8, CPUs) on CUDA (CPUs per rank under torchrun). Raises DynrobustError for bad options, paths,
-    layouts and checkpoints; a bad image is recorded and skipped, or with ``strict`` ends the run
-    after the chunks already evaluated are committed.
+    few % of a CPU forward) and min(8, CPUs) on CUDA (CPUs per rank under torchrun). Raises
+    DynrobustError for bad options, paths, layouts and checkpoints; a bad image is recorded and
+    skipped, or with ``strict`` ends the run after the chunks already evaluated are committed.
 
     Under torchrun (``WORLD_SIZE`` > 1 in the environment) this is one rank of a distributed run:
     see :mod:`robustbench_dyn.distributed`. Rank 0's summary covers the whole run; another rank's
@@ -289,22 +288,21 @@ def evaluate(
     weights_text = None if weights is None else str(weights)
     claims = [(c.corruption, c.severity, c.source, c.origin) for c in cells]
     with ProcessGroup(ranks) as group:
-        if ranks.rank == 0:
-            # before any other rank opens its part: the parts of an earlier run that was stopped
-            with ResultsStore(out) as store:
-                merge_parts(store, out)
-                store.claim_cells(store.open_run(identity, weights_text, run_context), claims)
-        group.barrier()
+        if ranks.rank > 0:
+            group.barrier()  # until rank 0 has merged what a stopped run left and opened the run (below)
         with ResultsStore(out if ranks.rank == 0 else part_folder(out, ranks.rank)) as store:
+            if ranks.rank == 0:
+                merge_parts(store, out)  # the parts of an earlier run that was stopped
             run_id = store.open_run(identity, weights_text, run_context)
             store.claim_cells(run_id, claims)
+            if ranks.rank == 0:
+                group.barrier()  # now the other ranks may open their parts and read this store
             done = store.done_images(run_id)
             if ranks.rank > 0:
                 done |= _done_in_main_store(out, identity, ranks)
             items, units, already = _share(cells, batch_size, done, ranks)
             summary = EvalSummary(run_id, Path(out) / STORE_NAME, model_name, weights_text, cells,
-                                  images_already_done=already, device=device, notes=notes, rank=ranks.rank,
-                                  world_size=ranks.world_size)
+                                  images_already_done=already, device=device, notes=notes, rank=ranks.rank)
             saved_in = str(store.path)
             if ranks.rank > 0:
                 saved_in += f" (merged into {summary.store} by the next run)"

@@ -518,7 +518,7 @@ inline void filter_pixel_channels(const T* base, const T* wbase, const TapWindow
     constexpr int NV = decltype(nv)::value, kVpg = decltype(kvpg)::value;
     for (; c0 + NV * L <= C; c0 += NV * L)
       filter_pixel<T, mode, NV, kVpg, kAccumulate, kStream>(base, wbase, win, c0, c0 / cpg * group_stride,
-                                                   cft ? cft + c0 : nullptr, C, group_stride, dst + c0);
+                                                            cft ? cft + c0 : nullptr, C, group_stride, dst + c0);
   };
   using I = std::integral_constant<int, 1>;
   // blocks start at multiples of kBlockVectors vectors, so where vpg divides kBlockVectors they
